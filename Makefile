@@ -1,0 +1,27 @@
+# Fresh machine: `make bench` runs the main job, `make test` runs the tests.
+# Both create ./.venv and install what they need into it on first use.
+# TORCH picks the torch wheel; the default pin is the tested CPU build (no CUDA
+# downloads). On a GPU machine use e.g. `make test TORCH=torch`.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: bench test clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(BIN)/fastvit bench
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests/
+
+clean-venv:
+	rm -rf $(VENV)

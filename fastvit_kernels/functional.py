@@ -1,0 +1,223 @@
+"""The public functional ops: validate, apply the autocast policy, dispatch.
+
+Every op here checks its arguments once (so every backend sees well-formed input and
+every user gets the same error messages), then hands the call to the backend chosen by
+``_dispatch``.
+
+Autocast policy (what happens inside ``torch.autocast``), mirroring the PyTorch op each
+one replaces:
+
+* ``patch_embed``, ``linear_gelu``, ``attention``, ``packed_attention`` are matrix
+  products, like ``conv2d`` / ``linear`` / ``scaled_dot_product_attention``: their
+  floating inputs are cast to the autocast dtype and the result is in that dtype.
+* ``layer_norm`` and ``add_layer_norm`` keep the activations' dtype: ``x`` and
+  ``residual`` are promoted to their common dtype (as ``x + residual`` would be) and
+  ``weight`` / ``bias`` are cast to it; the statistics are fp32 whatever the dtype.
+  (``F.layer_norm`` itself differs by device under autocast: fp32 on CUDA, the input
+  dtype on CPU. Keeping the activation dtype is what a bf16 model wants.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _dispatch
+
+_GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_tensor(name: str, t, ndim: int | tuple[int, ...] | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if t.dim() not in allowed:
+            want = " or ".join(str(n) for n in allowed)
+            raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
+
+
+def _check_optional(name: str, t, shape: tuple[int, ...]) -> None:
+    if t is None:
+        return
+    _check_tensor(name, t)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _check_same(tensors: dict[str, torch.Tensor | None]) -> None:
+    """All given tensors on one device and of one dtype."""
+    present = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = present[0]
+    for name, t in present[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             "all tensors must be on one device")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                            "all tensors must share one dtype (or run under torch.autocast)")
+
+
+def _check_scale(scale) -> None:
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+                              or not scale > 0):
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+
+
+def _check_eps(eps) -> None:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+
+# ---------------------------------------------------------------------------- autocast
+def _autocast_dtype(device: torch.device):
+    """The dtype autocast casts matrix products to, or None outside autocast."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def _cast(dtype, *tensors):
+    return tuple(t.to(dtype) if t is not None and t.dtype != dtype else t for t in tensors)
+
+
+def _run(op: str, device: torch.device, *args, **kwargs):
+    """Dispatch with autocast switched off: the inputs already carry the policy's dtype."""
+    if torch.is_autocast_enabled(device.type):
+        with torch.autocast(device.type, enabled=False):
+            return _dispatch.dispatch(op, device, *args, **kwargs)
+    return _dispatch.dispatch(op, device, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------- ops
+def patch_embed(images, weight, bias, pos_embed, cls_token=None):
+    """Patchify + project (a stride-P Conv2d), prepend ``cls_token``, add ``pos_embed``.
+
+    Args:
+        images: (B, C, H, W), NCHW or channels-last; H and W multiples of P.
+        weight: the Conv2d weight, (D, C, P, P).
+        bias: (D,) or None.
+        pos_embed: (1, T, D) or (T, D) with T = (H/P) * (W/P), plus 1 with a class token.
+        cls_token: (1, 1, D), or None for no class token.
+
+    Returns:
+        (B, T, D) tokens.
+    """
+    _check_tensor("images", images, 4)
+    _check_tensor("weight", weight, 4)
+    _check_tensor("pos_embed", pos_embed, (2, 3))
+    dim, chans, ph, pw = weight.shape
+    if ph != pw:
+        raise ValueError(f"weight must be a square patch kernel (D, C, P, P), got {tuple(weight.shape)}")
+    if images.shape[1] != chans:
+        raise ValueError(f"images have {images.shape[1]} channels but weight {tuple(weight.shape)} "
+                         f"expects {chans}")
+    height, width = images.shape[-2:]
+    if height % ph or width % ph:
+        raise ValueError(f"image size {height}x{width} is not divisible by the patch size {ph}")
+    _check_optional("bias", bias, (dim,))
+    if cls_token is not None:
+        _check_tensor("cls_token", cls_token)
+        if cls_token.numel() != dim or cls_token.shape[-1] != dim:
+            raise ValueError(f"cls_token must have shape (1, 1, {dim}), got {tuple(cls_token.shape)}")
+    tokens = (height // ph) * (width // ph) + (cls_token is not None)
+    if pos_embed.shape[-2:] != (tokens, dim) or pos_embed.numel() != tokens * dim:
+        extra = " (grid + 1 class token)" if cls_token is not None else ""
+        raise ValueError(f"pos_embed must have shape (1, {tokens}, {dim}) for a {height}x{width} "
+                         f"image with patch {ph}{extra}, got {tuple(pos_embed.shape)}")
+    cast = _autocast_dtype(images.device)
+    if cast is not None:
+        images, weight, bias, pos_embed, cls_token = _cast(cast, images, weight, bias, pos_embed, cls_token)
+    _check_same({"images": images, "weight": weight, "bias": bias, "pos_embed": pos_embed,
+                 "cls_token": cls_token})
+    return _run("patch_embed", images.device, images, weight, bias, pos_embed, cls_token)
+
+
+def _check_norm_args(x, weight, bias, eps) -> None:
+    _check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dimension, got a scalar")
+    _check_optional("weight", weight, tuple(x.shape[-1:]))
+    _check_optional("bias", bias, tuple(x.shape[-1:]))
+    _check_eps(eps)
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-6):
+    """LayerNorm over the last dimension; statistics in fp32. weight/bias may be None."""
+    _check_norm_args(x, weight, bias, eps)
+    if _autocast_dtype(x.device) is not None:
+        weight, bias = _cast(x.dtype, weight, bias)
+    _check_same({"x": x, "weight": weight, "bias": bias})
+    return _run("layer_norm", x.device, x, weight, bias, float(eps))
+
+
+def add_layer_norm(x, residual, weight, bias, eps: float = 1e-6):
+    """Returns ``(layer_norm(x + residual), x + residual)`` in one pass."""
+    _check_norm_args(x, weight, bias, eps)
+    _check_tensor("residual", residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if _autocast_dtype(x.device) is not None:
+        x, residual, weight, bias = _cast(torch.result_type(x, residual), x, residual, weight, bias)
+    _check_same({"x": x, "residual": residual, "weight": weight, "bias": bias})
+    return _run("add_layer_norm", x.device, x, residual, weight, bias, float(eps))
+
+
+def linear_gelu(x, weight, bias, approximate: str = "none"):
+    """``GELU(x @ weight.T + bias)``; exact erf GELU unless ``approximate="tanh"``."""
+    _check_tensor("x", x)
+    _check_tensor("weight", weight, 2)
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x's last dimension must equal weight's in_features {weight.shape[1]} "
+                         f"(weight {tuple(weight.shape)}), got x of shape {tuple(x.shape)}")
+    _check_optional("bias", bias, (weight.shape[0],))
+    if approximate not in _GELU_APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {_GELU_APPROXIMATIONS}, got {approximate!r}")
+    cast = _autocast_dtype(x.device)
+    if cast is not None:
+        x, weight, bias = _cast(cast, x, weight, bias)
+    _check_same({"x": x, "weight": weight, "bias": bias})
+    return _run("linear_gelu", x.device, x, weight, bias, approximate)
+
+
+def attention(q, k, v, scale: float | None = None):
+    """Non-causal scaled dot-product attention on (B, H, N, d) tensors, SDPA semantics.
+
+    q is (B, H, Nq, d); k and v are (B, H, Nk, d). ``scale`` defaults to d ** -0.5.
+    Strided views (e.g. slices of a packed qkv tensor) are fine.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 4)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q must be (B, H, Nq, d) with B, H and d of k {tuple(k.shape)}, "
+                         f"got {tuple(q.shape)}")
+    _check_scale(scale)
+    cast = _autocast_dtype(q.device)
+    if cast is not None:
+        q, k, v = _cast(cast, q, k, v)
+    _check_same({"q": q, "k": k, "v": v})
+    return _run("attention", q.device, q, k, v, None if scale is None else float(scale))
+
+
+def packed_attention(qkv, num_heads: int, scale: float | None = None):
+    """Attention straight from the qkv Linear's output.
+
+    qkv is (B, N, 3*D) laid out as (B, N, 3, H, d) (timm's qkv Linear); returns
+    (B, N, D), ready for the output projection without a permute.
+    """
+    _check_tensor("qkv", qkv, 3)
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    width = qkv.shape[-1]
+    if width % (3 * num_heads):
+        raise ValueError(f"qkv's last dimension {width} must be 3 * num_heads * head_dim "
+                         f"with num_heads={num_heads}")
+    _check_scale(scale)
+    cast = _autocast_dtype(qkv.device)
+    if cast is not None:
+        (qkv,) = _cast(cast, qkv)
+    return _run("packed_attention", qkv.device, qkv, num_heads, None if scale is None else float(scale))

@@ -1,0 +1,60 @@
+"""Pure-PyTorch definitions of every op: the ground truth and the ``torch`` backend.
+
+Tests compare every other backend against these functions (run in fp32/fp64), and
+benchmarks use them as the eager baseline. Keep them short and obviously right.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def patch_embed(images, weight, bias, pos_embed, cls_token=None):
+    """Conv2d patchify + projection, prepend the class token, add the position embedding.
+
+    images (B, C, H, W); weight (D, C, P, P); bias (D,) or None; pos_embed (1, T, D)
+    with T = (H/P)*(W/P) (+1 with a class token); cls_token (1, 1, D) or None.
+    """
+    patch = weight.shape[-1]
+    x = F.conv2d(images, weight, bias, stride=patch).flatten(2).transpose(1, 2)
+    if cls_token is not None:
+        x = torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+    return x + pos_embed.reshape(1, x.shape[1], x.shape[2])
+
+
+def layer_norm(x, weight, bias, eps=1e-6):
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def add_layer_norm(x, residual, weight, bias, eps=1e-6):
+    """(layer_norm(x + residual), x + residual)."""
+    summed = x + residual
+    return layer_norm(summed, weight, bias, eps), summed
+
+
+def linear_gelu(x, weight, bias, approximate="none"):
+    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+
+
+def attention(q, k, v, scale=None):
+    """Non-causal softmax(q k^T * scale) v on (B, H, N, d) tensors."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def packed_attention(qkv, num_heads, scale=None):
+    """Attention on the qkv Linear's output (B, N, 3*D); returns (B, N, D)."""
+    batch, tokens, width = qkv.shape
+    dim = width // 3
+    q, k, v = qkv.reshape(batch, tokens, 3, num_heads, dim // num_heads).permute(2, 0, 3, 1, 4)
+    return attention(q, k, v, scale).transpose(1, 2).reshape(batch, tokens, dim)
+
+
+OPS = {
+    "patch_embed": patch_embed,
+    "layer_norm": layer_norm,
+    "add_layer_norm": add_layer_norm,
+    "linear_gelu": linear_gelu,
+    "attention": attention,
+    "packed_attention": packed_attention,
+}

@@ -1,0 +1,131 @@
+"""The public functional API on the torch backend: dispatch, validation, autocast policy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastvit_kernels as fk
+from fastvit_kernels import reference
+
+
+def test_torch_backend_always_available():
+    info = fk.available_backends()
+    assert set(info) == {"triton", "cpp", "torch"}
+    assert info["torch"].available and "layer_norm" in info["torch"].ops
+    for name, i in info.items():
+        assert i.available or i.reason, f"{name} unavailable without a reason"
+
+
+def test_backend_context_and_env(monkeypatch):
+    monkeypatch.delenv("FASTVIT_BACKEND", raising=False)
+    assert fk.requested_backend() == "auto"
+    with fk.backend("torch"):
+        assert fk.requested_backend() == "torch"
+        assert fk.resolved_backend("layer_norm", "cpu") == "torch"
+    monkeypatch.setenv("FASTVIT_BACKEND", "torch")
+    assert fk.requested_backend() == "torch"
+    monkeypatch.setenv("FASTVIT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        fk.requested_backend()
+    with pytest.raises(ValueError, match="unknown backend"):
+        with fk.backend("cuda"):
+            pass
+
+
+def test_explicit_unavailable_backend_raises():
+    for name, info in fk.available_backends().items():
+        if not info.available:
+            x = torch.randn(3, 8)
+            with fk.backend(name), pytest.raises(fk.BackendUnavailableError, match=name):
+                fk.layer_norm(x, None, None)
+
+
+def test_explicit_backend_on_wrong_device_raises():
+    info = fk.available_backends()["cpp"]
+    if not info.available:
+        pytest.skip(f"cpp backend unavailable: {info.reason}")
+    x = torch.randn(3, 8, device="meta")
+    with fk.backend("cpp"), pytest.raises(fk.BackendUnavailableError, match="runs on cpu"):
+        fk.layer_norm(x, None, None)
+
+
+def test_ops_match_composition_on_torch_backend():
+    x = torch.randn(2, 5, 16)
+    w, b = torch.randn(16), torch.randn(16)
+    with fk.backend("torch"):
+        torch.testing.assert_close(fk.layer_norm(x, w, b, 1e-5), F.layer_norm(x, (16,), w, b, 1e-5))
+        normed, summed = fk.add_layer_norm(x, x * 2, w, b)
+        torch.testing.assert_close(summed, x * 3)
+        torch.testing.assert_close(normed, F.layer_norm(x * 3, (16,), w, b, 1e-6))
+        w2 = torch.randn(24, 16)
+        torch.testing.assert_close(fk.linear_gelu(x, w2, None, "tanh"),
+                                   F.gelu(x @ w2.T, approximate="tanh"))
+        qkv = torch.randn(2, 7, 3 * 16)
+        q, k, v = qkv.reshape(2, 7, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        expected = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 7, 16)
+        torch.testing.assert_close(fk.packed_attention(qkv, 4), expected)
+        images = torch.randn(2, 3, 16, 16)
+        weight, bias = torch.randn(8, 3, 4, 4), torch.randn(8)
+        cls, pos = torch.randn(1, 1, 8), torch.randn(1, 17, 8)
+        conv = F.conv2d(images, weight, bias, stride=4).flatten(2).transpose(1, 2)
+        expected = torch.cat([cls.expand(2, -1, -1), conv], 1) + pos
+        torch.testing.assert_close(fk.patch_embed(images, weight, bias, pos, cls), expected)
+
+
+def test_ops_are_differentiable_on_torch_backend():
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w = torch.randn(32, 16, requires_grad=True)
+    with fk.backend("torch"):
+        fk.linear_gelu(x, w, None).sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: fk.layer_norm(torch.arange(6).reshape(2, 3), None, None), "floating-point"),
+    (lambda: fk.layer_norm(torch.randn(2, 3), torch.randn(4), None), r"weight must have shape \(3,\), got \(4,\)"),
+    (lambda: fk.layer_norm(torch.randn(2, 3), None, None, eps=0), "eps must be a positive"),
+    (lambda: fk.layer_norm(torch.randn(2, 3), torch.randn(3, dtype=torch.float64), None), "dtype"),
+    (lambda: fk.add_layer_norm(torch.randn(2, 3), torch.randn(3, 2), None, None), "residual must have the shape"),
+    (lambda: fk.linear_gelu(torch.randn(2, 3), torch.randn(4, 5), None), "in_features 5"),
+    (lambda: fk.linear_gelu(torch.randn(2, 3), torch.randn(4, 3), None, "erf"), "approximate"),
+    (lambda: fk.attention(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8)), "same shape"),
+    (lambda: fk.attention(torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)), "4 dimensions"),
+    (lambda: fk.packed_attention(torch.randn(1, 3, 20), 3), "3 \\* num_heads"),
+    (lambda: fk.patch_embed(torch.randn(1, 3, 30, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 5, 8)), "not divisible by the patch size 16"),
+    (lambda: fk.patch_embed(torch.randn(1, 1, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 5, 8)), "1 channels"),
+    (lambda: fk.patch_embed(torch.randn(1, 3, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 4, 8), torch.randn(1, 1, 8)), r"pos_embed must have shape \(1, 5, 8\)"),
+])
+def test_bad_input_messages(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_autocast_policy_cpu():
+    x = torch.randn(4, 16)
+    w = torch.randn(32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fk.linear_gelu(x, w, None).dtype == torch.bfloat16
+        # Norms keep the activations' dtype; fp32 parameters are cast to it.
+        ln = torch.nn.LayerNorm(16)
+        assert fk.layer_norm(x.bfloat16(), ln.weight, ln.bias).dtype == torch.bfloat16
+        normed, summed = fk.add_layer_norm(x.bfloat16(), x.bfloat16(), ln.weight, None)
+        assert normed.dtype == torch.bfloat16 and summed.dtype == torch.bfloat16
+        normed, summed = fk.add_layer_norm(x, x.bfloat16(), None, None)  # promoted as x + r
+        assert normed.dtype == torch.float32 and summed.dtype == torch.float32
+        q = torch.randn(1, 2, 5, 8)
+        assert fk.attention(q, q, q).dtype == torch.bfloat16
+
+
+def test_reference_ops_registry_complete():
+    assert set(reference.OPS) == {"patch_embed", "layer_norm", "add_layer_norm", "linear_gelu",
+                                  "attention", "packed_attention"}
+
+
+def test_compile_fullgraph_traces_dispatch():
+    def f(x, w):
+        return fk.linear_gelu(fk.layer_norm(x, None, None), w, None)
+
+    x, w = torch.randn(3, 8), torch.randn(16, 8)
+    with fk.backend("torch"):
+        compiled = torch.compile(f, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x, w), f(x, w))

@@ -1,0 +1,112 @@
+"""Build models by preset name or from local checkpoints (timm, Hugging Face or ours)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ViTConfig, get_config
+
+
+def model_class(fast: bool):
+    """The reference ``vit.ViT`` or, with ``fast=True``, ``vit.fast.ViT``."""
+    if not fast:
+        from .model import ViT
+
+        return ViT
+    try:
+        from .fast import ViT as FastViT
+    except ModuleNotFoundError as exc:
+        if exc.name != "vit.fast":
+            raise
+        raise NotImplementedError("the fast model (vit.fast) is not available yet") from exc
+    return FastViT
+
+
+def config_from_hf(hf: dict) -> ViTConfig:
+    """Translate a Hugging Face ViT ``config.json`` dict into a ViTConfig."""
+    if hf.get("model_type", "vit") != "vit":
+        raise ValueError(f"expected a Hugging Face ViT config (model_type 'vit'), got {hf.get('model_type')!r}")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"only exact GELU ('gelu') is supported, config has hidden_act={hf['hidden_act']!r}")
+    hidden = hf.get("hidden_size", 768)
+    architectures = hf.get("architectures") or []
+    classifier = not architectures or any("Classification" in a for a in architectures)
+    num_labels = hf.get("num_labels", len(hf.get("id2label") or {}) or 2)
+    return ViTConfig(
+        img_size=hf.get("image_size", 224),
+        patch_size=hf.get("patch_size", 16),
+        in_chans=hf.get("num_channels", 3),
+        num_classes=num_labels if classifier else 0,
+        embed_dim=hidden,
+        depth=hf.get("num_hidden_layers", 12),
+        num_heads=hf.get("num_attention_heads", 12),
+        mlp_ratio=hf.get("intermediate_size", 4 * hidden) / hidden,
+        qkv_bias=hf.get("qkv_bias", True),
+        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        proj_drop_rate=hf.get("hidden_dropout_prob", 0.0),
+        pos_drop_rate=hf.get("hidden_dropout_prob", 0.0),
+        attn_drop_rate=hf.get("attention_probs_dropout_prob", 0.0),
+    )
+
+
+def _weights_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+
+
+def read_config(path) -> ViTConfig:
+    """The ViTConfig stored with a checkpoint: a HF snapshot's config.json or our metadata."""
+    path = Path(path)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} is a directory without a config.json")
+        return config_from_hf(json.loads(config_file.read_text()))
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    meta = ckpt.load_metadata(path)
+    if ckpt.CONFIG_METADATA_KEY not in meta:
+        raise ValueError(f"{path} carries no model config; use vit.create_model(name, pretrained=path)")
+    return ViTConfig.from_dict(json.loads(meta[ckpt.CONFIG_METADATA_KEY]))
+
+
+def load_pretrained(model: torch.nn.Module, path) -> torch.nn.Module:
+    """Load a timm / HF / our checkpoint (file or HF snapshot directory) into ``model``.
+
+    The position embedding is resampled when the checkpoint's grid differs from the
+    model's; every other mismatch raises a ValueError naming the keys.
+    """
+    state = ckpt.convert_state_dict(ckpt.load(_weights_file(Path(path))))
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape != model.pos_embed.shape and pos.dim() == 3:
+        state["pos_embed"] = ckpt.resample_pos_embed(pos, model.config.grid_size,
+                                                     num_prefix_tokens=model.num_prefix_tokens)
+    ckpt.check_state_dict(model, state)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def create_model(name: str, *, fast: bool = False, pretrained=None, **overrides) -> torch.nn.Module:
+    """A ViT from the preset ``name`` (e.g. "vit_base_patch16_224") with config overrides.
+
+    ``pretrained`` is a local checkpoint: a .safetensors/.pth file in timm, HF or our
+    layout, or a HF snapshot directory (config.json + model.safetensors).
+    """
+    model = model_class(fast)(get_config(name, **overrides))
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def from_pretrained(path, *, fast: bool = False, **overrides) -> torch.nn.Module:
+    """A ViT built from the config stored with the checkpoint at ``path``, weights loaded."""
+    model = model_class(fast)(read_config(path).replace(**overrides))
+    return load_pretrained(model, path)
