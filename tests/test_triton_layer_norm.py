@@ -1,0 +1,289 @@
+"""Triton LayerNorm and residual-add + LayerNorm: parity, layouts, registration, dispatch.
+
+Runs under the Triton interpreter on CPU (conftest sets TRITON_INTERPRET=1) and on
+CUDA when there is one. Parity is judged by tests/parity.py (DESIGN.md's rule): fp32
+against the reference in fp64, fp16/bf16 against the reference in fp32 with the
+reference's own low-precision error as the yardstick.
+"""
+
+import pytest
+import torch
+
+import fastvit_kernels as fk
+from fastvit_kernels import reference
+from fastvit_kernels.triton import layer_norm as tln
+from parity import assert_parity, rand, upcast
+
+EPS = 1e-6
+
+
+def _inputs(shape, dtype, device, *, weight=True, bias=True, layout="contiguous"):
+    """x, residual (non-zero mean, non-unit scale), weight, bias, and the upstream grads
+    dnormed, dsummed, all fresh. ``layout="transposed"`` makes x, residual and the
+    grads (T, B, D) -> (B, T, D) views; ``"strided_last"`` makes their last dim strided."""
+    width = shape[-1]
+
+    def act(mean, std):
+        if layout == "transposed":
+            return rand(shape[1], shape[0], *shape[2:], dtype=dtype, device=device,
+                        mean=mean, std=std).transpose(0, 1)
+        if layout == "strided_last":
+            return rand(*shape[::-1], dtype=dtype, device=device, mean=mean, std=std).permute(
+                *reversed(range(len(shape))))
+        return rand(*shape, dtype=dtype, device=device, mean=mean, std=std)
+
+    x = act(3.0, 2.5).requires_grad_()
+    residual = act(-1.0, 0.7).requires_grad_()
+    w = rand(width, dtype=dtype, device=device, mean=1.0, std=0.5, requires_grad=True) if weight else None
+    b = rand(width, dtype=dtype, device=device, mean=0.3, std=0.4, requires_grad=True) if bias else None
+    dnormed, dsummed = act(0.2, 1.5), act(-0.4, 0.8)
+    return x, residual, w, b, dnormed, dsummed
+
+
+def _run(op, x, residual, w, b, dnormed, dsummed):
+    """Forward + backward of the public ``op`` on the current backend: its outputs and
+    the gradients of every input that takes one, by name."""
+    if op == "layer_norm":
+        outs = {"normed": fk.layer_norm(x, w, b, EPS)}
+        inputs = {"x": x, "weight": w, "bias": b}
+        grads_out = [dnormed]
+    else:
+        normed, summed = fk.add_layer_norm(x, residual, w, b, EPS)
+        outs = {"normed": normed, "summed": summed}
+        inputs = {"x": x, "residual": residual, "weight": w, "bias": b}
+        grads_out = [dnormed, dsummed]
+    live = {k: v for k, v in inputs.items() if v is not None}
+    grads = torch.autograd.grad(list(outs.values()), list(live.values()), grads_out)
+    outs.update({f"d{k}": g for k, g in zip(live, grads)})
+    return outs
+
+
+def _check_parity(op, args, dtype):
+    """Triton vs reference by the parity rule, on every output and gradient."""
+    with fk.backend("triton"):
+        fast = _run(op, *args)
+    with fk.backend("torch"):
+        ref_hi = _run(op, *upcast(*args))
+        ref_lowp = _run(op, *args) if dtype not in (torch.float32, torch.float64) else {}
+    assert set(fast) == set(ref_hi)
+    for name, value in fast.items():
+        assert value.dtype == dtype, f"{name}: dtype {value.dtype}, expected {dtype}"
+        assert_parity(f"{op}.{name}", value, ref_hi[name], ref_lowp.get(name))
+    return fast
+
+
+SHAPES = {
+    "vit_b": (2, 197, 768),
+    "one_row": (1, 1, 192),
+    "odd_width": (3, 50, 200),
+    "no_rows": (0, 768),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_parity(op, shape, dtype, device):
+    _check_parity(op, _inputs(shape, dtype, device), dtype)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_parity_non_contiguous(op, dtype, layout, device):
+    args = _inputs((3, 50, 200), dtype, device, layout=layout)
+    assert not args[0].is_contiguous() and not args[4].is_contiguous()
+    _check_parity(op, args, dtype)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_parity_bf16(op, device):
+    # bf16 loads/stores upcast with .to(tl.float32) work under the interpreter too
+    # (only bf16 tl.dot does not, and LayerNorm has none).
+    _check_parity(op, _inputs((3, 50, 200), torch.bfloat16, device), torch.bfloat16)
+
+
+@pytest.mark.parametrize("affine", ["weight_only", "bias_only", "none"])
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_parity_without_affine(op, affine, device):
+    args = _inputs((3, 50, 200), torch.float32, device,
+                   weight=affine == "weight_only", bias=affine == "bias_only")
+    out = _check_parity(op, args, torch.float32)
+    assert ("dweight" in out) == (affine == "weight_only")
+    assert ("dbias" in out) == (affine == "bias_only")
+
+
+def test_layouts_and_launch_settings(device):
+    """Row layouts (sliced, broadcast with zero stride, leading dims needing three strides)
+    and the launch variants a GPU uses (one row per tile, more tiles than programs so
+    they loop inside a program, few backward groups), on the launchers directly,
+    against the fp64 reference."""
+    width = 48
+    base = rand(4, 6, 5, width, device=device, mean=2.0, std=3.0)
+    cases = {
+        "sliced": base[:, ::2, 1],                                # rows with a gap
+        "broadcast": rand(1, 5, width, device=device, mean=1.0).expand(3, 5, width),  # stride 0
+        "three_strides": base.permute(2, 0, 1, 3)[:, ::2],        # copied
+        "one_dim": rand(width, device=device, mean=-2.0, std=0.1),
+    }
+    w = rand(width, device=device, mean=1.0, std=0.5)
+    b = rand(width, device=device, std=0.5)
+    for name, x in cases.items():
+        # the residual's last dimension is strided: the one layout that is copied
+        residual = rand(*reversed(x.shape), device=device).permute(*reversed(range(x.dim())))
+        dy = rand(*x.shape, device=device)
+        for tile, programs, groups in ((None, None, None), (1, 3, 2)):
+            kw = {"rows_per_tile": tile}
+            y, s, mean, rstd = tln.layer_norm_forward(
+                x, residual, w, b, EPS, max_programs=programs or tln.MAX_PROGRAMS, **kw)
+            xd, rd, wd, bd = upcast(x, residual, w, b)
+            ref_y, ref_s = reference.add_layer_norm(xd, rd, wd, bd, EPS)
+            assert_parity(f"{name}.y", y, ref_y)
+            assert_parity(f"{name}.summed", s, ref_s)
+            assert_parity(f"{name}.mean", mean, ref_s.reshape(-1, width).mean(-1))
+            dx, dw, db = tln.layer_norm_backward(dy, None, s, w, mean, rstd, True,
+                                                 groups=groups, **kw)
+            sd = ref_s.detach().requires_grad_()
+            wd.requires_grad_()
+            bd.requires_grad_()
+            ref = torch.autograd.grad(reference.layer_norm(sd, wd, bd, EPS), (sd, wd, bd), dy.double())
+            for gname, g, r in zip(("dx", "dw", "db"), (dx, dw, db), ref):
+                assert_parity(f"{name}.{gname} (tile={tile}, groups={groups})", g, r)
+
+
+def test_same_gradient_reaches_x_and_residual(device):
+    x, residual, w, b, dnormed, dsummed = _inputs((2, 9, 64), torch.float32, device)
+    with fk.backend("triton"):
+        normed, summed = fk.add_layer_norm(x, residual, w, b, EPS)
+    (normed * dnormed + summed * dsummed).sum().backward()
+    torch.testing.assert_close(x.grad, residual.grad, rtol=0, atol=0)
+    assert x.grad.data_ptr() != residual.grad.data_ptr()  # not aliased: safe to accumulate
+
+
+def _opcheck_args(device, affine):
+    x = rand(3, 7, 40, device=device, mean=1.5, std=2.0, requires_grad=True)
+    residual = rand(3, 7, 40, device=device, requires_grad=True)
+    w = rand(40, device=device, mean=1.0, requires_grad=True) if affine else None
+    b = rand(40, device=device, requires_grad=True) if affine else None
+    return x, residual, w, b
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_opcheck(affine, device):
+    x, residual, w, b = _opcheck_args(device, affine)
+    torch.library.opcheck(torch.ops.fastvit_triton.layer_norm.default, (x, w, b, EPS))
+    torch.library.opcheck(torch.ops.fastvit_triton.add_layer_norm.default, (x, residual, w, b, EPS))
+    # The backward op on its own (the forward checks above trace it only through fakes).
+    y, mean, rstd = torch.ops.fastvit_triton.layer_norm(x.detach(), w, b, EPS)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fastvit_triton.layer_norm_backward.default,
+                          (dy, torch.randn_like(y), x.detach(), None if w is None else w.detach(),
+                           mean, rstd, affine))
+
+
+def test_compile_fullgraph(device):
+    """torch.compile traces the public ops (on the triton backend) and their backward
+    without graph breaks, and the graph calls our ops."""
+    x, residual, w, b = _opcheck_args(device, True)
+
+    def block(x, residual, w, b):
+        normed, summed = fk.add_layer_norm(x, residual, w, b, EPS)
+        return fk.layer_norm(normed * 2.0, w, b, EPS) + summed
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    with fk.backend("triton"):
+        expected = block(x, residual, w, b)
+        ref_grads = torch.autograd.grad(expected.sum(), (x, residual, w, b))
+        torch.compile(block, fullgraph=True, backend=record)(x, residual, w, b)
+        out = torch.compile(block, fullgraph=True, backend="aot_eager")(x, residual, w, b)
+        grads = torch.autograd.grad(out.sum(), (x, residual, w, b))
+    assert len(graphs) == 1 and "fastvit_triton.add_layer_norm" in graphs[0] \
+        and "fastvit_triton.layer_norm" in graphs[0], graphs
+    torch.testing.assert_close(out, expected)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_dispatch(device, monkeypatch):
+    monkeypatch.delenv("FASTVIT_BACKEND", raising=False)
+    x, residual, w, b = _opcheck_args(device, True)
+    with fk.backend("triton"):
+        for op in ("layer_norm", "add_layer_norm"):
+            assert fk.resolved_backend(op, device) == "triton"
+        normed = fk.layer_norm(x, w, b, EPS)
+        pair = fk.add_layer_norm(x, residual, w, b, EPS)
+    # The autograd node names the op that ran: ours, not the reference's.
+    assert "fastvit_triton_layer_norm" in type(normed.grad_fn).__name__
+    assert all("fastvit_triton_add_layer_norm" in type(t.grad_fn).__name__ for t in pair)
+    # auto picks triton for CUDA tensors. (On CPU it tries cpp first; resolving it here
+    # would charge this test with building the C++ extension, so it is left out.)
+    if device.type == "cuda":
+        with fk.backend("auto"):
+            for op, args in (("layer_norm", (x, w, b, EPS)), ("add_layer_norm", (x, residual, w, b, EPS))):
+                assert fk.resolved_backend(op, device, *args) == "triton"
+
+
+def test_unsupported_calls_fall_back_or_raise(device):
+    x64 = torch.randn(4, 32, dtype=torch.float64, device=device)
+    wide = torch.empty(2, tln.MAX_WIDTH + 1, device="meta")
+    with fk.backend("triton"):
+        with pytest.raises(fk.BackendUnavailableError, match="float64"):
+            fk.layer_norm(x64, None, None)
+        with pytest.raises(fk.BackendUnavailableError, match="width"):
+            fk.resolved_backend("add_layer_norm", device, wide, wide, None, None, EPS)
+    if device.type == "cuda":  # auto (triton first on CUDA) falls back quietly, correctly
+        with fk.backend("auto"):
+            assert fk.resolved_backend("layer_norm", device, x64, None, None, EPS) != "triton"
+            torch.testing.assert_close(fk.layer_norm(x64, None, None),
+                                       reference.layer_norm(x64, None, None))
+
+
+def test_bad_input_is_rejected(device):
+    x = rand(2, 5, 16, device=device)
+    with fk.backend("triton"):
+        with pytest.raises(ValueError, match=r"weight must have shape \(16,\)"):
+            fk.layer_norm(x, torch.ones(15, device=device), None)
+        with pytest.raises(TypeError, match="floating-point"):
+            fk.layer_norm(x.to(torch.int32), None, None)
+        with pytest.raises(ValueError, match="residual must have the shape"):
+            fk.add_layer_norm(x, x[:, :4], None, None)
+        with pytest.raises(ValueError, match="device"):
+            fk.layer_norm(x, torch.ones(16, device="meta"), None)
+        with pytest.raises(TypeError, match="dtype"):
+            fk.layer_norm(x, torch.ones(16, dtype=torch.float16, device=device), None)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32_x", "bf16_x"])
+def test_autocast_keeps_activation_dtype(x_dtype, device):
+    """Under autocast (bf16) both backends keep the activations' dtype, and agree."""
+    x, residual, w, b, dnormed, dsummed = _inputs((2, 9, 64), torch.float32, device)
+    x, residual = x.detach().to(x_dtype), residual.detach().to(x_dtype)
+    results = {}
+    for name in ("triton", "torch"):
+        with fk.backend(name), torch.autocast(device.type, dtype=torch.bfloat16):
+            results[name] = (fk.layer_norm(x, w, b, EPS), *fk.add_layer_norm(x, residual, w, b, EPS))
+    for fast, ref in zip(results["triton"], results["torch"]):
+        assert fast.dtype == ref.dtype == x_dtype
+    hi = upcast(x, residual, w.to(x_dtype), b.to(x_dtype))
+    ref_hi = (reference.layer_norm(hi[0], *hi[2:], EPS), *reference.add_layer_norm(*hi, EPS))
+    for i, (fast, ref, r_hi) in enumerate(zip(results["triton"], results["torch"], ref_hi)):
+        assert_parity(f"autocast output {i}", fast, r_hi, ref)
+
+
+@pytest.mark.cuda
+def test_large_tensor_int64_offsets_and_many_rows(device):
+    """More than 2**31 elements and more rows than MAX_PROGRAMS (GPU only: 4 GiB in bf16)."""
+    width = 1024
+    rows = 2**31 // width + 3
+    x = torch.empty(rows, width, dtype=torch.bfloat16, device=device).normal_(2.0, 3.0)
+    w = rand(width, dtype=torch.bfloat16, device=device, mean=1.0)
+    y = tln.layer_norm(x, w, None, EPS)
+    for part in (slice(0, 64), slice(rows - 64, rows)):
+        hi = upcast(x[part], w)
+        assert_parity("large.y", y[part], reference.layer_norm(hi[0], hi[1], None, EPS),
+                      reference.layer_norm(x[part], w, None, EPS))
