@@ -75,7 +75,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _load(name: str) -> _Loaded:
+@torch.compiler.assume_constant_result
+def _import_backend(name: str) -> str:
+    """Import backend ``name`` once; returns why it is unavailable ("" if it is available).
+
+    Opaque to torch.compile (run eagerly while tracing), so that a compiled function may be
+    the first to touch a backend without a graph break on the import.
+    """
     if name not in _loaded:
         try:
             module = importlib.import_module(_MODULES[name])
@@ -85,6 +91,11 @@ def _load(name: str) -> _Loaded:
             _loaded[name] = _Loaded(ops, dict(getattr(module, "SUPPORTS", {})))
         except Exception as exc:  # any failure means "not available", with the reason kept
             _loaded[name] = _Loaded(reason=f"{type(exc).__name__}: {exc}")
+    return _loaded[name].reason
+
+
+def _load(name: str) -> _Loaded:
+    _import_backend(name)
     return _loaded[name]
 
 

@@ -20,6 +20,7 @@ one replaces:
 from __future__ import annotations
 
 import torch
+from torch.amp.autocast_mode import is_autocast_available
 
 from . import _dispatch
 
@@ -74,7 +75,7 @@ def _check_eps(eps) -> None:
 # ---------------------------------------------------------------------------- autocast
 def _autocast_dtype(device: torch.device):
     """The dtype autocast casts matrix products to, or None outside autocast."""
-    if not torch.is_autocast_enabled(device.type):
+    if not is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)
 
@@ -85,7 +86,7 @@ def _cast(dtype, *tensors):
 
 def _run(op: str, device: torch.device, *args, **kwargs):
     """Dispatch with autocast switched off: the inputs already carry the policy's dtype."""
-    if torch.is_autocast_enabled(device.type):
+    if _autocast_dtype(device) is not None:
         with torch.autocast(device.type, enabled=False):
             return _dispatch.dispatch(op, device, *args, **kwargs)
     return _dispatch.dispatch(op, device, *args, **kwargs)

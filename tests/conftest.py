@@ -6,7 +6,10 @@ fastvit_kernels.triton is imported, which is why it is set here, first.
 
 import os
 
-import torch
+# The interpreter's tl.dot is many tiny numpy matmuls: one BLAS thread is far faster.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
