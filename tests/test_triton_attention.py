@@ -1,0 +1,397 @@
+"""Triton flash attention: parity, layouts, log-sum-exp, registration, dispatch, bad input.
+
+Runs under the Triton interpreter on CPU (conftest sets TRITON_INTERPRET=1) and on CUDA
+when there is one. Parity is DESIGN.md's rule (tests/parity.py): fp32 against the
+reference in fp64, fp16/bf16 against the reference in fp32 with the reference's own
+low-precision error as the yardstick; outputs and all three input gradients.
+
+Layouts: ``separate`` q, k, v tensors; ``views``: q, k, v as strided views of one packed
+(B, N, 3, H, d) tensor, given to ``attention``; ``packed``: ``packed_attention`` on the
+(B, N, 3*D) tensor itself (gradient: one packed dqkv, split here into dq, dk, dv).
+
+The interpreter is slow, so the N=197 cases are a covering subset (every dtype, head dim
+and layout once), not the full cross product; CUDA runs a wider sweep.
+"""
+
+import pytest
+import torch
+
+import fastvit_kernels as fk
+from fastvit_kernels import reference
+from fastvit_kernels.triton import attention as tattn
+from parity import FP32_RTOL, assert_parity, rand, upcast
+
+ON_CUDA = torch.cuda.is_available()
+LAYOUTS = ("separate", "views", "packed")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_threaded_blas():
+    """The interpreter runs fp32 tl.dot as many small numpy matmuls; a multi-threaded
+    OpenBLAS spends ~3x their time synchronizing threads on this 2-core machine."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+# ------------------------------------------------------------------------------ helpers
+def _leaves(layout, batch, heads, n_q, n_k, head_dim, dtype, device, q_std=1.0):
+    """Fresh random inputs (the tensors gradients are taken for), by name."""
+    if layout == "separate":
+        return {"q": rand(batch, heads, n_q, head_dim, dtype=dtype, device=device, std=q_std),
+                "k": rand(batch, heads, n_k, head_dim, dtype=dtype, device=device, mean=0.2),
+                "v": rand(batch, heads, n_k, head_dim, dtype=dtype, device=device, mean=-0.3, std=1.5)}
+    assert n_q == n_k, "packed layouts have one token count"
+    qkv = torch.randn(batch, n_q, 3, heads, head_dim, device=device)
+    qkv[:, :, 0] *= q_std
+    qkv[:, :, 2] += 0.5
+    return {"qkv": qkv.flatten(2).to(dtype)}
+
+
+def _split(qkv, heads):
+    return qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _forward(ops, layout, leaves, heads, scale):
+    if layout == "separate":
+        return ops.attention(leaves["q"], leaves["k"], leaves["v"], scale)
+    if layout == "views":
+        return ops.attention(*_split(leaves["qkv"], heads), scale)
+    return ops.packed_attention(leaves["qkv"], heads, scale)
+
+
+def _run(ops, layout, leaves, heads, scale, grad_out):
+    """Output and the gradients of q, k, v (split from dqkv for packed inputs), by name."""
+    leaves = {name: t.detach().requires_grad_() for name, t in leaves.items()}
+    out = _forward(ops, layout, leaves, heads, scale)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out)
+    if layout == "separate":
+        dq, dk, dv = grads
+    else:
+        dq, dk, dv = _split(grads[0], heads)
+    return {"out": out, "dq": dq, "dk": dk, "dv": dv}
+
+
+class _Triton:
+    """The public API pinned to the triton backend (exercises validation + dispatch)."""
+
+    @staticmethod
+    def attention(q, k, v, scale=None):
+        with fk.backend("triton"):
+            return fk.attention(q, k, v, scale)
+
+    @staticmethod
+    def packed_attention(qkv, heads, scale=None):
+        with fk.backend("triton"):
+            return fk.packed_attention(qkv, heads, scale)
+
+
+def _check_parity(layout, batch, heads, n_q, n_k, head_dim, dtype, device, scale=None, q_std=1.0,
+                  leaves=None):
+    if leaves is None:
+        leaves = _leaves(layout, batch, heads, n_q, n_k, head_dim, dtype, device, q_std)
+    out_shape = (batch, heads, n_q, head_dim) if layout != "packed" else (batch, n_q, heads * head_dim)
+    grad_out = rand(*out_shape, dtype=dtype, device=device, std=0.5)
+    fast = _run(_Triton, layout, leaves, heads, scale, grad_out)
+    (grad_hi,) = upcast(grad_out)
+    hi = _run(reference, layout, dict(zip(leaves, upcast(*leaves.values()))), heads, scale, grad_hi)
+    lowp = None if dtype == torch.float32 else _run(reference, layout, leaves, heads, scale, grad_out)
+    for name in ("out", "dq", "dk", "dv"):
+        if n_k == 1 and name in ("dq", "dk"):
+            # One key: softmax is constant, dq = dk = 0 exactly and the parity rule (relative
+            # to max |ref| = 0) is undefined; check instead that the cancellation
+            # dp - rowsum(dO*O) leaves only fp32 rounding of the cancelled terms.
+            _check_cancelled(name, fast[name], leaves, layout, heads, grad_out, scale, head_dim)
+            continue
+        assert_parity(name, fast[name], hi[name], None if lowp is None else lowp[name])
+
+
+def _check_cancelled(name, grad, leaves, layout, heads, grad_out, scale, head_dim):
+    if layout == "separate":
+        q, k, v = leaves["q"], leaves["k"], leaves["v"]
+    else:
+        q, k, v = _split(leaves["qkv"], heads)
+    if layout == "packed":
+        grad_out = grad_out.unflatten(-1, (heads, -1)).transpose(1, 2)
+    scale = head_dim ** -0.5 if scale is None else scale
+    terms = (grad_out.double().abs() * v.double().abs()).sum(-1).max().item()  # sum |dO_d v_d|
+    other = (k if name == "dq" else q).double().abs().max().item()
+    bound = FP32_RTOL * scale * terms * other
+    assert torch.isfinite(grad).all(), f"{name}: non-finite values"
+    err = grad.double().abs().max().item()
+    assert err <= bound, f"{name}: {err:.3e} should be zero up to rounding (bound {bound:.3e})"
+
+
+# ------------------------------------------------------------------------------- parity
+SMALL = [(dtype, n, d, layout)
+         for dtype in (torch.float32, torch.float16) for n in (1, 17) for d in (32, 64, 80)
+         for layout in LAYOUTS]
+# N=197 under the interpreter: each dtype, head dim and layout at least once.
+N197 = [(torch.float32, 197, 64, "separate"), (torch.float32, 197, 80, "packed"),
+        (torch.float16, 197, 32, "views"), (torch.float16, 197, 80, "separate"),
+        (torch.float16, 197, 64, "packed")]
+
+
+def _id(case):
+    dtype, n, d, layout = case
+    return f"{str(dtype)[6:]}-N{n}-d{d}-{layout}"
+
+
+@pytest.mark.parametrize("case", SMALL + N197, ids=_id)
+def test_parity(case, device):
+    dtype, n, head_dim, layout = case
+    # B*H > 1 always; the batch stride is exercised at small N, where it is cheap.
+    batch, heads = (2, 2) if n < 100 else ((1, 2) if layout == "separate" else (2, 1))
+    scale = 0.3 if layout == "views" else None
+    _check_parity(layout, batch, heads, n, n, head_dim, dtype, device, scale=scale)
+
+
+@pytest.mark.parametrize("head_dim", [96, 128, 8])
+def test_parity_other_head_dims(head_dim, device):
+    """96 and 128 (ViT-g style, pow2) tiles, and a tiny head padded up to a 16-wide tile."""
+    _check_parity("views", 1, 3, 33, 33, head_dim, torch.float16, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("n_q,n_k", [(1, 17), (40, 17), (17, 70), (5, 1)])
+def test_parity_different_query_and_key_counts(n_q, n_k, dtype, device):
+    _check_parity("separate", 2, 1, n_q, n_k, 64, dtype, device)
+
+
+@pytest.mark.parametrize("layout", ["separate", "packed"])
+def test_large_logits_fp16(layout, device):
+    """Scores ~ +-100 (q scaled up): exp would overflow fp16 (max 65504 ~ e^11) if the
+    scores or the softmax were kept in fp16; they are fp32 in the kernels."""
+    n = 50
+    leaves = _leaves(layout, 1, 2, n, n, 64, torch.float16, device, q_std=25.0)
+    q = leaves["q"] if layout == "separate" else _split(leaves["qkv"], 2)[0]
+    k = leaves["k"] if layout == "separate" else _split(leaves["qkv"], 2)[1]
+    logits = (q.float() @ k.float().transpose(-1, -2)) * 64 ** -0.5
+    assert logits.abs().max() > 60, "the inputs should produce large logits"
+    _check_parity(layout, 1, 2, n, n, 64, torch.float16, device, leaves=leaves)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("n", [50, 197, 257, 577, 1025])
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 128])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parity_cuda_sweep(layout, head_dim, n, dtype, device, monkeypatch):
+    # One config per tuning key (tuning every key would take many minutes of compiling);
+    # the candidates themselves are covered by test_every_autotune_candidate_cuda.
+    monkeypatch.setenv("FASTVIT_AUTOTUNE", "0")
+    _check_parity(layout, 2, 3, n, n, head_dim, dtype, device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("index", range(8))
+def test_every_autotune_candidate_cuda(index, device, monkeypatch):
+    """Each autotune candidate of each kernel is correct (the tuner may pick any)."""
+    for tuned in (tattn._attn_fwd_tuned, tattn._attn_bwd_dkdv_tuned, tattn._attn_bwd_dq_tuned):
+        monkeypatch.setattr(tuned, "configs", [tuned.configs[index % len(tuned.configs)]])
+    _check_parity("packed", 2, 3, 197, 197, 64, torch.bfloat16, device)
+    _check_parity("separate", 1, 2, 577, 577, 64, torch.float16, device)
+
+
+@pytest.mark.cuda
+def test_parity_cuda_bf16_large_logits(device):
+    _check_parity("packed", 2, 4, 197, 197, 64, torch.bfloat16, device, q_std=25.0)
+
+
+@pytest.mark.cuda
+def test_many_heads_grid(device):
+    """B*H beyond 65535 (the CUDA limit of grid axes 1 and 2) with a one-axis grid."""
+    _check_parity("separate", 4400, 16, 3, 3, 32, torch.float16, device)
+
+
+# -------------------------------------------------------------------- layouts and extras
+def test_strided_views_are_read_in_place(device):
+    """The launcher works on views of a packed qkv (no copy) and writes a strided output."""
+    batch, tokens, heads, head_dim = 2, 20, 2, 32
+    qkv = rand(batch, tokens, 3 * heads * head_dim, device=device)
+    q, k, v = _split(qkv, heads)
+    assert q.data_ptr() == qkv.data_ptr() and not q.is_contiguous()
+    out = torch.empty(batch, tokens, heads * head_dim, device=device)
+    lse = tattn.attention_forward(q, k, v, tattn._heads(out, heads), 0.25)
+    ref = reference.attention(*upcast(q, k, v), 0.25).transpose(1, 2).reshape(batch, tokens, -1)
+    assert_parity("out", out, ref)
+    assert lse.shape == (batch, heads, tokens) and lse.dtype == torch.float32
+
+
+def test_strided_last_dim_is_copied(device):
+    """q with a strided last dimension (a transposed view) is copied once, still correct."""
+    base = rand(2, 2, 32, 19, device=device)  # (B, H, d, N)
+    q = base.transpose(-1, -2)
+    assert q.stride(-1) != 1
+    k, v = rand(2, 2, 19, 32, device=device), rand(2, 2, 19, 32, device=device)
+    leaves = [base.requires_grad_(), k.requires_grad_(), v.requires_grad_()]
+    grad_out = rand(2, 2, 19, 32, device=device)
+
+    def run(ops, base, k, v):
+        out = ops.attention(base.transpose(-1, -2), k, v)
+        return (out, *torch.autograd.grad(out, [base, k, v], grad_out))
+
+    fast = run(_Triton, *leaves)
+    hi = run(reference, *[t.detach().double().requires_grad_() for t in leaves])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fast, hi):
+        assert_parity(name, a, b)
+
+
+def test_gradient_layouts(device):
+    """Gradients come back in the inputs' layout: packed dqkv (B, N, 3*D) contiguous, and
+    dq with the strides of a dense permuted q."""
+    batch, tokens, heads, head_dim = 2, 9, 2, 32
+    qkv = rand(batch, tokens, 3 * heads * head_dim, device=device, requires_grad=True)
+    out = tattn.packed_attention(qkv, heads)
+    assert out.shape == (batch, tokens, heads * head_dim) and out.is_contiguous()
+    (dqkv,) = torch.autograd.grad(out, [qkv], torch.randn_like(out))
+    assert dqkv.shape == qkv.shape and dqkv.is_contiguous()
+
+    q = rand(batch, tokens, heads, head_dim, device=device).transpose(1, 2)  # dense, permuted
+    k, v = (rand(batch, heads, tokens, head_dim, device=device) for _ in range(2))
+    out, lse = torch.ops.fastvit_triton.attention(q, k, v, 0.2)
+    dq, dk, dv = torch.ops.fastvit_triton.attention_backward(
+        torch.randn_like(out), None, q, k, v, out, lse, 0.2)
+    assert dq.stride() == q.stride() and dk.stride() == k.stride()
+
+
+def test_log_sum_exp_and_its_gradient(device):
+    """The op's second output is the fp32 natural-log LSE of the scaled scores, and
+    gradients through it are exact too (they fold into delta)."""
+    q, k, v = (rand(2, 2, 17, 32, device=device, requires_grad=True) for _ in range(3))
+    scale = 0.4
+    g_out, g_lse = rand(2, 2, 17, 32, device=device), rand(2, 2, 17, device=device)
+
+    def fast(q, k, v):
+        return torch.ops.fastvit_triton.attention(q, k, v, scale)
+
+    def ref(q, k, v):
+        scores = (q @ k.transpose(-1, -2)) * scale
+        return torch.softmax(scores, -1) @ v, torch.logsumexp(scores, -1)
+
+    results = []
+    for fn, inputs in ((fast, (q, k, v)), (ref, upcast(q, k, v))):
+        out, lse = fn(*inputs)
+        grads = torch.autograd.grad([out, lse], inputs, [g_out.to(out.dtype), g_lse.to(lse.dtype)])
+        results.append((out, lse, *grads))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        assert_parity(name, a, b)
+    assert results[0][1].dtype == torch.float32
+
+
+def test_empty_queries(device):
+    q = rand(1, 2, 0, 32, device=device, requires_grad=True)
+    k = rand(1, 2, 5, 32, device=device, requires_grad=True)
+    v = rand(1, 2, 5, 32, device=device, requires_grad=True)
+    out = tattn.attention(q, k, v)
+    assert out.shape == (1, 2, 0, 32)
+    dq, dk, dv = torch.autograd.grad(out, [q, k, v], torch.ones_like(out))
+    assert dq.shape == q.shape
+    assert torch.equal(dk, torch.zeros_like(k)) and torch.equal(dv, torch.zeros_like(v))
+
+
+# --------------------------------------------------------------- registration, dispatch
+def test_opcheck_attention(device):
+    q = rand(2, 2, 17, 32, device=device, requires_grad=True)
+    k = rand(2, 2, 9, 32, device=device, requires_grad=True)
+    v = rand(2, 2, 9, 32, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastvit_triton.attention.default, (q, k, v, 0.3))
+
+
+def test_opcheck_packed_attention(device):
+    qkv = rand(2, 17, 3 * 2 * 32, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastvit_triton.packed_attention.default, (qkv, 2, 0.3))
+
+
+def test_opcheck_backward_ops(device):
+    q, k, v = (rand(1, 2, 9, 32, device=device) for _ in range(3))
+    out, lse = torch.ops.fastvit_triton.attention(q, k, v, 0.3)
+    g_out, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    torch.library.opcheck(torch.ops.fastvit_triton.attention_backward.default,
+                          (g_out, g_lse, q, k, v, out, lse, 0.3))
+    qkv = rand(1, 9, 3 * 64, device=device)
+    out, lse = torch.ops.fastvit_triton.packed_attention(qkv, 2, 0.3)
+    torch.library.opcheck(torch.ops.fastvit_triton.packed_attention_backward.default,
+                          (torch.randn_like(out), None, qkv, out, lse, 2, 0.3))
+
+
+def test_torch_compile_fullgraph(device):
+    """The public wrapper (validation, layout checks) and the custom ops trace without
+    graph breaks, forward and backward. CPU: aot_eager (inductor cannot lower an
+    interpreted kernel); CUDA: inductor, at a real ViT-S shape in bf16."""
+    if device.type == "cuda":
+        qkv = rand(2, 197, 3 * 384, dtype=torch.bfloat16, device=device, requires_grad=True)
+        heads, backend = 6, "inductor"
+    else:
+        qkv = rand(2, 17, 3 * 64, device=device, requires_grad=True)
+        heads, backend = 2, "aot_eager"
+
+    def step(qkv):
+        return tattn.packed_attention(qkv, heads).float().square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    loss = compiled(qkv)
+    (grad,) = torch.autograd.grad(loss, [qkv])
+    loss_eager = step(qkv)
+    (grad_eager,) = torch.autograd.grad(loss_eager, [qkv])
+    torch.testing.assert_close(loss, loss_eager)
+    torch.testing.assert_close(grad, grad_eager)
+
+
+def test_dispatch_through_backend_triton(device):
+    qkv = rand(2, 11, 3 * 64, device=device)
+    with fk.backend("triton"):
+        assert fk.resolved_backend("packed_attention", device, qkv, 2) == "triton"
+        out = fk.packed_attention(qkv, 2)
+        q, k, v = _split(qkv, 2)
+        assert fk.resolved_backend("attention", device, q, k, v) == "triton"
+        out_views = fk.attention(q, k, v)
+    torch.testing.assert_close(out, tattn.packed_attention(qkv, 2), rtol=0, atol=0)
+    torch.testing.assert_close(out_views.transpose(1, 2).reshape(2, 11, 64), out, rtol=0, atol=0)
+    assert_parity("out", out, reference.packed_attention(*upcast(qkv), 2))
+
+
+def test_supports_reasons(device):
+    q = torch.zeros(1, 2, 8, 256, device=device)
+    assert "head dim 256" in tattn.SUPPORTS["attention"](q, q, q)
+    assert "head dim" in tattn.SUPPORTS["packed_attention"](torch.zeros(1, 8, 3 * 2 * 160, device=device), 2)
+    f64 = q[..., :32].double()
+    assert "float64" in tattn.SUPPORTS["attention"](f64, f64, f64)
+    empty_k = torch.zeros(1, 2, 0, 32, device=device)
+    assert "N_k = 0" in tattn.SUPPORTS["attention"](q[..., :32], empty_k, empty_k)
+    assert tattn.SUPPORTS["attention"](q[..., :80], q[..., :80], q[..., :80]) is None
+    with fk.backend("triton"), pytest.raises(fk.BackendUnavailableError, match="head dim 256"):
+        fk.attention(q, q, q)
+    if device.type == "cpu":  # the interpreter cannot run bf16 tl.dot: refuse, don't be wrong
+        b = q[..., :32].bfloat16()
+        assert "interpreter" in tattn.SUPPORTS["attention"](b, b, b)
+
+
+def test_bad_input_raises(device):
+    q = rand(1, 2, 8, 32, device=device)
+    with pytest.raises(ValueError, match="expected q"):
+        tattn.attention(q, q[:, :1], q[:, :1])
+    with pytest.raises(ValueError, match="4 dimensions"):
+        tattn.attention(q[0], q, q)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        tattn.attention(q.tolist(), q, q)
+    with pytest.raises(TypeError, match="floating-point"):
+        tattn.attention(q.int(), q.int(), q.int())
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        tattn.attention(q.double(), q.double(), q.double())
+    with pytest.raises(TypeError, match="share dtype"):
+        tattn.attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="head dim 256"):
+        tattn.attention(*(rand(1, 2, 8, 256, device=device) for _ in range(3)))
+    with pytest.raises(ValueError, match="scale"):
+        tattn.attention(q, q, q, scale=-1.0)
+    with pytest.raises(ValueError, match="num_heads=5"):
+        tattn.packed_attention(rand(1, 8, 3 * 64, device=device), 5)
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        tattn.packed_attention(rand(1, 8, 3 * 64, device=device), 0)
+    with pytest.raises(ValueError, match="3 dimensions"):
+        tattn.packed_attention(q, 2)
