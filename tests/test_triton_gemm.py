@@ -1,0 +1,254 @@
+"""Triton fused GEMMs (gemm.py, linear_gelu.py, patch_embed.py) against the reference.
+
+Under the interpreter (no CUDA) the shapes are the smallest that still cover the cases:
+M = 2*197 with K = 588 and N = 200, tails in every dimension, patch sizes 8/14/16/32,
+C = 1 and 3, channels-last images, both GELU flavours, class token or none.
+"""
+
+import os
+
+import pytest
+import torch
+
+import fastvit_kernels as fk
+from fastvit_kernels import reference
+from parity import assert_parity, high_precision, rand, upcast
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+from fastvit_kernels.triton import gemm as tg  # noqa: E402
+from fastvit_kernels.triton import linear_gelu as tlg  # noqa: E402
+from fastvit_kernels.triton import patch_embed as tpe  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16]
+
+
+def _wrt(args):
+    return [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _check(name, fast_fn, ref_fn, inputs, dtype):
+    """Output and every input gradient of fast_fn vs the reference ref_fn, by the parity rule."""
+    out = fast_fn(*inputs)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, _wrt(inputs), grad)
+
+    def run_ref(args, g):
+        o = ref_fn(*args)
+        return o, torch.autograd.grad(o, _wrt(args), g)
+
+    hi_args = [upcast(t)[0] if isinstance(t, torch.Tensor) else t for t in inputs]
+    out_hi, grads_hi = run_ref(hi_args, grad.to(high_precision(dtype)))
+    out_lo, grads_lo = out_hi, grads_hi
+    if dtype != torch.float32:
+        lo_args = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                   for t in inputs]
+        out_lo, grads_lo = run_ref(lo_args, grad)
+    assert out.dtype == dtype
+    assert_parity(f"{name} out", out, out_hi, out_lo)
+    assert len(grads) == len(grads_hi)
+    for i, (g, g_hi, g_lo) in enumerate(zip(grads, grads_hi, grads_lo)):
+        assert g.dtype == dtype
+        assert_parity(f"{name} grad {i}", g, g_hi, g_lo)
+
+
+# ----------------------------------------------------------------------------- linear_gelu
+def _linear_inputs(shape, out_features, dtype, device, bias=True):
+    k = shape[-1]
+    x = rand(*shape, dtype=dtype, device=device, requires_grad=True)
+    w = rand(out_features, k, dtype=dtype, device=device, std=k ** -0.5, requires_grad=True)
+    b = rand(out_features, dtype=dtype, device=device, std=0.5, requires_grad=True) if bias else None
+    return x, w, b
+
+
+def _fk_linear_gelu(x, w, b, approximate):
+    with fk.backend("triton"):
+        return fk.linear_gelu(x, w, b, approximate)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_gelu_vit_rows(dtype, device):
+    """M = 2*197 token rows, K = 588 (14*14*3), N = 200: tails in every dimension."""
+    approximate = "none" if dtype == torch.float32 else "tanh"
+    inputs = [*_linear_inputs((2, 197, 588), 200, dtype, device), approximate]
+    _check("linear_gelu", _fk_linear_gelu, reference.linear_gelu, inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype,approximate,bias", [(torch.float32, "tanh", False),
+                                                    (torch.float16, "none", True)])
+def test_linear_gelu_small(dtype, approximate, bias, device):
+    inputs = [*_linear_inputs((3, 7, 40), 24, dtype, device, bias=bias), approximate]
+    _check("linear_gelu", _fk_linear_gelu, reference.linear_gelu, inputs, dtype)
+
+
+def test_linear_gelu_strided_input_and_expanded_grad(device):
+    """A transposed x view and the stride-0 gradient of .sum() go in without copies."""
+    base = rand(40, 9, device=device)
+    x = base.t().requires_grad_()  # (9, 40), strides (1, 9)
+    w = rand(24, 40, device=device, std=40 ** -0.5, requires_grad=True)
+    b = rand(24, device=device, requires_grad=True)
+    with fk.backend("triton"):
+        fk.linear_gelu(x, w, b).sum().backward()
+    xh, wh, bh = upcast(x, w, b)
+    out_hi = reference.linear_gelu(xh, wh, bh)
+    out_hi.sum().backward()
+    for name, fast, ref in (("x", x.grad, xh.grad), ("w", w.grad, wh.grad), ("b", b.grad, bh.grad)):
+        assert_parity(f"grad {name}", fast, ref)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu_recompute_backward(approximate, device):
+    """The inference op under autograd recomputes z; its epilogue forms dZ = dY * GELU'(z)."""
+    inputs = [*_linear_inputs((2, 5, 24), 40, torch.float32, device), approximate]
+    _check("linear_gelu(recompute)", torch.ops.fastvit_triton.linear_gelu, reference.linear_gelu,
+           inputs, torch.float32)
+
+
+def test_linear_gelu_inference_saves_nothing(device):
+    x, w, b = _linear_inputs((4, 16), 24, torch.float32, device)
+    with torch.no_grad(), fk.backend("triton"):
+        out = fk.linear_gelu(x, w, b)
+    assert out.grad_fn is None
+    assert_parity("out", out, reference.linear_gelu(*upcast(x, w, b)).detach())
+
+
+def test_split_k_weight_gradient_with_row_sums(device):
+    """Split-K partial products and row sums (used for weight / bias grads on a GPU)."""
+    m, n, k = 24, 40, 150
+    a, scale, b = rand(k, m, device=device), rand(k, m, device=device), rand(k, n, device=device)
+    out = torch.empty(m, n, device=device)
+    rowsum = torch.empty(m, device=device)
+    tg.gemm_split_sum(tg.matrix(a).t(), tg.matrix(b), out, m, n, k, aux=tg.matrix(scale).t(),
+                      prologue_scale=True, rowsum=rowsum, splits=3)
+    dz = (a * scale).t().double()
+    assert_parity("split-K product", out, dz @ b.double())
+    assert_parity("split-K row sums", rowsum, dz.sum(1))
+
+
+def test_linear_gelu_opcheck(device):
+    x, w, b = _linear_inputs((2, 3, 16), 24, torch.float32, device)
+    torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu_train.default, (x, w, b, "none"))
+    torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu.default, (x, w, None, "tanh"))
+
+
+# ----------------------------------------------------------------------------- patch_embed
+def _patch_inputs(batch, chans, height, width, patch, dim, dtype, device, cls=True, pos_2d=False,
+                  channels_last=False, image_grad=True):
+    images = rand(batch, chans, height, width, dtype=dtype, device=device)
+    if channels_last:
+        images = images.to(memory_format=torch.channels_last)
+    images.requires_grad_(image_grad)
+    fan_in = chans * patch * patch
+    weight = rand(dim, chans, patch, patch, dtype=dtype, device=device, std=fan_in ** -0.5,
+                  requires_grad=True)
+    bias = rand(dim, dtype=dtype, device=device, std=0.5, requires_grad=True)
+    tokens = (height // patch) * (width // patch) + cls
+    pos_shape = (tokens, dim) if pos_2d else (1, tokens, dim)
+    pos = rand(*pos_shape, dtype=dtype, device=device, std=0.5, requires_grad=True)
+    cls_token = rand(1, 1, dim, dtype=dtype, device=device, requires_grad=True) if cls else None
+    return [images, weight, bias, pos, cls_token]
+
+
+def _fk_patch_embed(*args):
+    with fk.backend("triton"):
+        return fk.patch_embed(*args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_patch_embed_k588(dtype, device):
+    """Patch 14, C = 3: K = 588; 2 images of 2x3 patches; D = 40."""
+    inputs = _patch_inputs(2, 3, 28, 42, 14, 40, dtype, device)
+    _check("patch_embed", _fk_patch_embed, reference.patch_embed, inputs, dtype)
+
+
+@pytest.mark.parametrize("patch,chans,cls,channels_last,dtype", [
+    (8, 3, False, True, torch.float32),
+    (16, 1, True, True, torch.float16),
+    (32, 3, True, False, torch.float32),
+])
+def test_patch_embed_layouts(patch, chans, cls, channels_last, dtype, device):
+    inputs = _patch_inputs(2, chans, patch, 2 * patch, patch, 24, dtype, device, cls=cls,
+                           pos_2d=not cls, channels_last=channels_last)
+    _check("patch_embed", _fk_patch_embed, reference.patch_embed, inputs, dtype)
+
+
+def test_patch_embed_frozen_images_and_no_bias(device):
+    """No bias, images without grad: the image-gradient GEMM is skipped."""
+    images, weight, _, pos, cls = _patch_inputs(1, 3, 16, 16, 8, 16, torch.float32, device,
+                                                image_grad=False)
+    inputs = [images, weight, None, pos, cls]
+    _check("patch_embed", _fk_patch_embed, reference.patch_embed, inputs, torch.float32)
+
+
+def test_patch_embed_opcheck(device):
+    inputs = _patch_inputs(2, 3, 8, 16, 8, 16, torch.float32, device, channels_last=True)
+    torch.library.opcheck(torch.ops.fastvit_triton.patch_embed.default, tuple(inputs))
+
+
+# ------------------------------------------------------------------------- errors, dispatch
+def test_bad_input_is_rejected_before_any_kernel(device):
+    images, weight, bias, pos, cls = _patch_inputs(1, 3, 16, 16, 8, 16, torch.float32, device)
+    with fk.backend("triton"):
+        with pytest.raises(ValueError, match="not divisible by the patch size 8"):
+            fk.patch_embed(rand(1, 3, 16, 12, device=device), weight, bias, pos, cls)
+        with pytest.raises(ValueError, match="channels"):
+            fk.patch_embed(rand(1, 1, 16, 16, device=device), weight, bias, pos, cls)
+        with pytest.raises(ValueError, match="pos_embed must have shape"):
+            fk.patch_embed(images, weight, bias, pos, None)
+        with pytest.raises(TypeError, match="dtype"):
+            fk.patch_embed(images, weight.half(), bias, pos, cls)
+        with pytest.raises(ValueError, match="in_features"):
+            fk.linear_gelu(rand(4, 8, device=device), rand(16, 9, device=device), None)
+        with pytest.raises(TypeError, match="dtype"):
+            fk.linear_gelu(rand(4, 8, device=device), rand(16, 8, device=device).half(), None)
+
+
+def test_dispatch_and_supports(device):
+    x, w, b = _linear_inputs((4, 16), 24, torch.float32, device)
+    with fk.backend("triton"):
+        assert fk.resolved_backend("linear_gelu", device, x, w, b) == "triton"
+    assert tlg.SUPPORTS["linear_gelu"](x.double(), w.double(), None) is not None
+    assert tpe.SUPPORTS["patch_embed"](*_patch_inputs(1, 3, 8, 8, 8, 16, torch.float32, device)) is None
+    if device.type == "cpu":  # the interpreter multiplies bf16 bit patterns in tl.dot
+        xb, wb = x.bfloat16(), w.bfloat16()
+        with fk.backend("triton"), pytest.raises(fk.BackendUnavailableError, match="bfloat16"):
+            fk.linear_gelu(xb, wb, None)
+
+
+# ------------------------------------------------------------------------------- GPU only
+@pytest.mark.cuda
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu_bf16_cuda(approximate, device):
+    inputs = [*_linear_inputs((4, 197, 768), 3072, torch.bfloat16, device), approximate]
+    _check("linear_gelu", _fk_linear_gelu, reference.linear_gelu, inputs, torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_patch_embed_bf16_cuda(device):
+    inputs = _patch_inputs(4, 3, 224, 224, 16, 768, torch.bfloat16, device, channels_last=True)
+    _check("patch_embed", _fk_patch_embed, reference.patch_embed, inputs, torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_split_k_backward_cuda(device):
+    """Long reductions (B*197 rows) take the split-K path for the weight gradients."""
+    inputs = _patch_inputs(64, 3, 224, 224, 16, 384, torch.float16, device)
+    _check("patch_embed", _fk_patch_embed, reference.patch_embed, inputs, torch.float16)
+    inputs = [*_linear_inputs((64, 197, 384), 768, torch.float16, device), "none"]
+    _check("linear_gelu", _fk_linear_gelu, reference.linear_gelu, inputs, torch.float16)
+
+
+@pytest.mark.cuda
+def test_compile_fullgraph_cuda(device):
+    x, w, b = _linear_inputs((2, 197, 64), 128, torch.float16, device)
+    pe = _patch_inputs(2, 3, 32, 32, 16, 64, torch.float16, device)
+
+    def fn(x, w, b, *pe_args):
+        return fk.linear_gelu(x, w, b).sum() + fk.patch_embed(*pe_args).sum()
+
+    compiled = torch.compile(fn, fullgraph=True)
+    with fk.backend("triton"):
+        compiled(x, w, b, *pe).backward()
+    assert x.grad is not None and pe[0].grad is not None
