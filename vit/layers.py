@@ -37,12 +37,14 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        return self.proj_drop(self.proj(self.attend(self.qkv(x))))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The qkv Linear's output (B, N, 3*D), laid out (B, N, 3, H, d) -> (B, N, D)."""
+        batch, tokens, width = qkv.shape
+        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(batch, tokens, dim)
-        return self.proj_drop(self.proj(x))
+        return x.transpose(1, 2).reshape(batch, tokens, width // 3)
 
 
 class Mlp(nn.Module):
@@ -84,15 +86,19 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
+    attn_layer = Attention
+    mlp_layer = Mlp
+    norm_layer = nn.LayerNorm
+
     def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int, qkv_bias: bool = True,
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  norm_eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.norm1 = self.norm_layer(dim, eps=norm_eps)
+        self.attn = self.attn_layer(dim, num_heads, qkv_bias, attn_drop, proj_drop)
         self.drop_path1 = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, mlp_hidden_dim, proj_drop)
+        self.norm2 = self.norm_layer(dim, eps=norm_eps)
+        self.mlp = self.mlp_layer(dim, mlp_hidden_dim, proj_drop)
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
