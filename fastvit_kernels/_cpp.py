@@ -1,4 +1,381 @@
-"""The cpp backend: loads the C++ extension in csrc/ (not built yet)."""
+"""The cpp backend: the C++ extension in ``csrc/``, its autograd formulas and fake kernels.
+
+Loading, in order:
+
+1. ``FASTVIT_CPP_LIBRARY=/path/to/libfastvit_cpp_<isa>.so`` if set;
+2. unless ``FASTVIT_CPP_PREBUILT=0``, a prebuilt library (``cmake -S . -B build && cmake --build build``) found next to this
+   package or in the repository's ``build/``, built for an instruction set this CPU has
+   and not older than the sources next to it;
+3. else the sources are compiled on first use by ``torch.utils.cpp_extension.load``
+   (ninja; cached under ``TORCH_EXTENSIONS_DIR``, so only the first import pays).
+
+If none of that works (no compiler, no ninja, a build error) this module emits one
+warning line and raises ImportError: ``auto`` then quietly runs the torch backend and
+``backend("cpp")`` raises with the reason (see ``_dispatch``).
+
+Instruction set: ATen's ``Vectorized`` picks its SIMD code at compile time from the
+``CPU_CAPABILITY_*`` defines. The library is compiled for the capability ATen itself uses
+on this CPU (``torch.backends.cpu.get_cpu_capability()``, which honours
+``ATEN_CPU_CAPABILITY``): AVX512, AVX2 or the portable DEFAULT. The capability is part of
+the library's name, and a library is only loaded on a CPU that has its capability, so no
+``-march=native`` and no illegal instructions on older machines.
+
+The C++ ops (``torch.ops.fastvit.*``) return what backward needs (LayerNorm statistics,
+the GELU pre-activation, attention's log-sum-exp); the functions in ``OPS`` have the
+public signatures and return only the public outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import site
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_LIB_PREFIX = "libfastvit_cpp_"
+_ORDER = ("DEFAULT", "AVX2", "AVX512")
+# The flags ATen compiles its own AVX2 / AVX512 kernels with.
+_ISA_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+}
+_CFLAGS = ["-O3", "-fopenmp", "-DNDEBUG"]  # OpenMP: at::parallel_for is inline, it needs it
+_LDFLAGS = ["-fopenmp"]
+
+CAPABILITY = "none"
+LIBRARY = ""  # path of the loaded library
+
+
+def target_capability() -> str:
+    """The instruction set to build for: the one ATen's own kernels use on this CPU."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "DEFAULT"
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    return cap if cap in _ORDER else "DEFAULT"
+
+
+def _source_dir() -> Path | None:
+    """csrc/ shipped inside the package, in the repository (editable install), or under the prefix."""
+    shared = Path("share") / "fastvit-engine" / "csrc"  # pyproject's data-files (pip install)
+    for candidate in (_PACKAGE_DIR / "csrc", _PACKAGE_DIR.parent / "csrc", Path(sys.prefix) / shared,
+                      Path(site.getuserbase()) / shared):
+        if (candidate / "ops.cpp").is_file():
+            return candidate
+    return None
+
+
+def _sources(src: Path) -> list[str]:
+    return sorted(str(p) for p in src.glob("*.cpp"))
+
+
+def _newest_source_mtime(src: Path | None) -> float:
+    if src is None:
+        return 0.0
+    return max(p.stat().st_mtime for p in list(src.glob("*.cpp")) + list(src.glob("*.h")))
+
+
+def _prebuilt(target: str, src: Path | None) -> list[Path]:
+    """Prebuilt libraries this CPU can run, best instruction set first, skipping stale ones."""
+    allowed = _ORDER[: _ORDER.index(target) + 1]
+    found = []
+    for folder in (_PACKAGE_DIR, _PACKAGE_DIR.parent / "build"):
+        for path in folder.glob(f"{_LIB_PREFIX}*.so"):
+            cap = path.stem[len(_LIB_PREFIX):].upper()
+            if cap in allowed and path.stat().st_mtime >= _newest_source_mtime(src):
+                found.append((allowed.index(cap), path))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _jit_build(src: Path, target: str) -> str:
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise ImportError("ninja is not installed (pip install ninja), so the C++ extension cannot be built")
+    compiler = os.environ.get("CXX", "c++")
+    if not any(os.access(os.path.join(d, compiler), os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep)) \
+            and not os.access(compiler, os.X_OK):
+        raise ImportError(f"no C++ compiler ({compiler!r} not found on PATH), so the C++ extension cannot be built")
+    # The torch version is in the name so a cached build never meets another torch's ABI.
+    version = re.sub(r"[^0-9a-zA-Z]", "_", torch.__version__)
+    name = f"fastvit_cpp_{target.lower()}_torch{version}"
+    verbose = os.environ.get("FASTVIT_CPP_VERBOSE", "0") == "1"
+    cpp_extension.load(name=name, sources=_sources(src), extra_cflags=_CFLAGS + _ISA_FLAGS[target],
+                       extra_ldflags=_LDFLAGS, is_python_module=False, verbose=verbose)
+    return os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so")
+
+
+def _load() -> tuple[str, str]:
+    """Load the library (see the module docstring); returns (path, capability)."""
+    target = target_capability()
+    explicit = os.environ.get("FASTVIT_CPP_LIBRARY")
+    if explicit:
+        torch.ops.load_library(explicit)
+        return explicit, torch.ops.fastvit.cpu_capability()
+    src = _source_dir()
+    errors = []
+    use_prebuilt = os.environ.get("FASTVIT_CPP_PREBUILT", "1") != "0"
+    for path in _prebuilt(target, src) if use_prebuilt else []:
+        try:
+            torch.ops.load_library(str(path))
+            return str(path), torch.ops.fastvit.cpu_capability()
+        except (OSError, RuntimeError) as exc:  # e.g. built against another torch
+            errors.append(f"{path.name}: {exc}")
+    if src is None:
+        raise ImportError("no prebuilt fastvit C++ library and no csrc/ sources to build one"
+                          + (f" ({'; '.join(errors)})" if errors else ""))
+    path = _jit_build(src, target)
+    return path, torch.ops.fastvit.cpu_capability()
+
+
+# ------------------------------------------------------------------ fake (meta) kernels
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_fakes() -> None:
+    reg = torch.library.register_fake
+
+    @reg("fastvit::layer_norm_fwd")
+    def _(x, weight, bias, eps):
+        stats = x.shape[:-1]
+        return x.new_empty(x.shape), x.new_empty(stats, dtype=_acc(x.dtype)), x.new_empty(stats, dtype=_acc(x.dtype))
+
+    @reg("fastvit::add_layer_norm_fwd")
+    def _(x, residual, weight, bias, eps):
+        stats = x.shape[:-1]
+        return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(stats, dtype=_acc(x.dtype)),
+                x.new_empty(stats, dtype=_acc(x.dtype)))
+
+    @reg("fastvit::layer_norm_bwd")
+    def _(grad_out, grad_sum, x, mean, rstd, weight):
+        dim = x.shape[-1]
+        return x.new_empty(x.shape), x.new_empty((dim,)), x.new_empty((dim,))
+
+    @reg("fastvit::linear_gelu")
+    def _(x, weight, bias, approximate):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @reg("fastvit::linear_gelu_fwd")
+    def _(x, weight, bias, approximate):
+        shape = (*x.shape[:-1], weight.shape[0])
+        return x.new_empty(shape), x.new_empty(shape)
+
+    @reg("fastvit::linear_gelu_bwd")
+    def _(grad_out, preact, x, weight, approximate):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
+
+    @reg("fastvit::patch_embed")
+    def _(images, weight, bias, pos_embed, cls_token):
+        patch = weight.shape[-1]
+        tokens = (images.shape[2] // patch) * (images.shape[3] // patch) + (cls_token is not None)
+        return images.new_empty((images.shape[0], tokens, weight.shape[0]))
+
+    @reg("fastvit::patch_embed_bwd")
+    def _(grad_out, images, weight, has_cls, images_grad):
+        dim = weight.shape[0]
+        dimages = images.new_empty(images.shape if images_grad else (0,))
+        return (dimages, weight.new_empty(weight.shape), weight.new_empty((dim,)),
+                weight.new_empty((grad_out.shape[1], dim)), weight.new_empty((dim,)))
+
+    @reg("fastvit::attention_fwd")
+    def _(q, k, v, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc(q.dtype))
+
+    @reg("fastvit::attention_bwd")
+    def _(grad_out, q, k, v, out, lse, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @reg("fastvit::packed_attention_fwd")
+    def _(qkv, num_heads, scale):
+        batch, tokens, width = qkv.shape
+        return qkv.new_empty((batch, tokens, width // 3)), qkv.new_empty((batch, num_heads, tokens), dtype=_acc(qkv.dtype))
+
+    @reg("fastvit::packed_attention_bwd")
+    def _(grad_out, qkv, out, lse, num_heads, scale):
+        return qkv.new_empty(qkv.shape)
+
+
+# ------------------------------------------------------------------------------ autograd
+def _zeros_if_none(grad, like):
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _register_autograd() -> None:
+    ops = torch.ops.fastvit
+    reg = torch.library.register_autograd
+
+    # LayerNorm ------------------------------------------------------------------------
+    def ln_setup(ctx, inputs, output):
+        x, weight, bias = inputs[0], inputs[1], inputs[2]
+        ctx.save_for_backward(x, weight, output[1], output[2])
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def ln_backward(ctx, grad_out, grad_mean, grad_rstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = ops.layer_norm_bwd(_zeros_if_none(grad_out, x), None, x, mean, rstd, weight)
+        return dx, dw if weight is not None else None, db if ctx.has_bias else None, None
+
+    reg("fastvit::layer_norm_fwd", ln_backward, setup_context=ln_setup)
+
+    def add_ln_setup(ctx, inputs, output):
+        _, _, weight, bias, _ = inputs
+        ctx.save_for_backward(output[1], weight, output[2], output[3])  # the sum is LayerNorm's input
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(output[2], output[3])
+
+    def add_ln_backward(ctx, grad_out, grad_sum, grad_mean, grad_rstd):
+        summed, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = ops.layer_norm_bwd(_zeros_if_none(grad_out, summed), grad_sum, summed, mean, rstd, weight)
+        return dx, dx, dw if weight is not None else None, db if ctx.has_bias else None, None
+
+    reg("fastvit::add_layer_norm_fwd", add_ln_backward, setup_context=add_ln_setup)
+
+    # Linear + GELU --------------------------------------------------------------------
+    def lg_setup(ctx, inputs, output):
+        x, weight, bias, approximate = inputs
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.has_bias, ctx.approximate = bias is not None, approximate
+        ctx.mark_non_differentiable(output[1])
+
+    def lg_backward(ctx, grad_out, grad_pre):
+        x, weight, pre = ctx.saved_tensors
+        dx, dw, db = ops.linear_gelu_bwd(_zeros_if_none(grad_out, pre), pre, x, weight, ctx.approximate)
+        return dx, dw, db if ctx.has_bias else None, None
+
+    reg("fastvit::linear_gelu_fwd", lg_backward, setup_context=lg_setup)
+
+    # The inference op, if differentiated anyway, recomputes the pre-activation.
+    def lg_inf_setup(ctx, inputs, output):
+        x, weight, bias, approximate = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.approximate = approximate
+
+    def lg_inf_backward(ctx, grad_out):
+        x, weight, bias = ctx.saved_tensors
+        pre = torch.nn.functional.linear(x, weight, bias)
+        dx, dw, db = ops.linear_gelu_bwd(grad_out, pre, x, weight, ctx.approximate)
+        return dx, dw, db if bias is not None else None, None
+
+    reg("fastvit::linear_gelu", lg_inf_backward, setup_context=lg_inf_setup)
+
+    # Patch embedding ------------------------------------------------------------------
+    def pe_setup(ctx, inputs, output):
+        images, weight, bias, pos_embed, cls_token = inputs
+        ctx.save_for_backward(images, weight)
+        ctx.has_bias = bias is not None
+        ctx.pos_shape = pos_embed.shape
+        ctx.cls_shape = None if cls_token is None else cls_token.shape
+
+    def pe_backward(ctx, grad_out):
+        images, weight = ctx.saved_tensors
+        has_cls = ctx.cls_shape is not None
+        dimages, dw, db, dpos, dcls = ops.patch_embed_bwd(grad_out, images, weight, has_cls,
+                                                          ctx.needs_input_grad[0])
+        return (dimages if ctx.needs_input_grad[0] else None, dw, db if ctx.has_bias else None,
+                dpos.reshape(ctx.pos_shape), dcls.reshape(ctx.cls_shape) if has_cls else None)
+
+    reg("fastvit::patch_embed", pe_backward, setup_context=pe_setup)
+
+    # Attention --------------------------------------------------------------------------
+    def at_setup(ctx, inputs, output):
+        q, k, v, scale = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1])
+        ctx.scale = scale
+        ctx.mark_non_differentiable(output[1])
+
+    def at_backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ops.attention_bwd(_zeros_if_none(grad_out, out), q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None
+
+    reg("fastvit::attention_fwd", at_backward, setup_context=at_setup)
+
+    def pa_setup(ctx, inputs, output):
+        qkv, num_heads, scale = inputs
+        ctx.save_for_backward(qkv, output[0], output[1])
+        ctx.num_heads, ctx.scale = num_heads, scale
+        ctx.mark_non_differentiable(output[1])
+
+    def pa_backward(ctx, grad_out, grad_lse):
+        qkv, out, lse = ctx.saved_tensors
+        dqkv = ops.packed_attention_bwd(_zeros_if_none(grad_out, out), qkv, out, lse, ctx.num_heads, ctx.scale)
+        return dqkv, None, None
+
+    reg("fastvit::packed_attention_fwd", pa_backward, setup_context=pa_setup)
+
+
+# ------------------------------------------------------------------- public signatures
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _default_scale(head_dim: int) -> float:
+    return head_dim ** -0.5 if head_dim > 0 else 1.0
+
+
+def patch_embed(images, weight, bias, pos_embed, cls_token=None):
+    return torch.ops.fastvit.patch_embed(images, weight, bias, pos_embed, cls_token)
+
+
+def layer_norm(x, weight, bias, eps=1e-6):
+    return torch.ops.fastvit.layer_norm_fwd(x, weight, bias, eps)[0]
+
+
+def add_layer_norm(x, residual, weight, bias, eps=1e-6):
+    out, summed, _, _ = torch.ops.fastvit.add_layer_norm_fwd(x, residual, weight, bias, eps)
+    return out, summed
+
+
+def linear_gelu(x, weight, bias, approximate="none"):
+    if _needs_grad(x, weight, bias):  # keep the pre-activation for backward
+        return torch.ops.fastvit.linear_gelu_fwd(x, weight, bias, approximate)[0]
+    return torch.ops.fastvit.linear_gelu(x, weight, bias, approximate)
+
+
+def attention(q, k, v, scale=None):
+    scale = _default_scale(q.shape[-1]) if scale is None else scale
+    return torch.ops.fastvit.attention_fwd(q, k, v, scale)[0]
+
+
+def packed_attention(qkv, num_heads, scale=None):
+    scale = _default_scale(qkv.shape[-1] // (3 * num_heads)) if scale is None else scale
+    return torch.ops.fastvit.packed_attention_fwd(qkv, num_heads, scale)[0]
+
+
+_PUBLIC = {
+    "patch_embed": patch_embed,
+    "layer_norm": layer_norm,
+    "add_layer_norm": add_layer_norm,
+    "linear_gelu": linear_gelu,
+    "attention": attention,
+    "packed_attention": packed_attention,
+}
 
 OPS: dict = {}
-UNAVAILABLE_REASON = "the C++ extension is not implemented yet"
+UNAVAILABLE_REASON = ""
+
+
+def _init() -> None:
+    global LIBRARY, CAPABILITY, UNAVAILABLE_REASON
+    try:
+        LIBRARY, CAPABILITY = _load()
+    except Exception as exc:  # no compiler, no ninja, build error, ABI mismatch ...
+        UNAVAILABLE_REASON = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}"
+        warnings.warn(f"fastvit: C++ extension unavailable, falling back to torch ({UNAVAILABLE_REASON})",
+                      RuntimeWarning, stacklevel=3)
+        raise ImportError(UNAVAILABLE_REASON) from exc
+    _register_fakes()
+    _register_autograd()
+    OPS.update(_PUBLIC)
+
+
+_init()

@@ -1,0 +1,220 @@
+// Helpers shared by the kernels: the accumulation type, row conversion to and from
+// it, vectorized row reductions and GELU.
+//
+// Vectorized<T> is ATen's SIMD wrapper. Which instruction set it uses is fixed when
+// this file is compiled, by the CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512 defines
+// (and the matching -m flags) that the build passes; without them it is ATen's
+// portable implementation. See CMakeLists.txt and fastvit_kernels/_cpp.py.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace fastvit {
+
+using at::vec::Vectorized;
+
+// Kernels run below autograd: the ATen ops they call internally (GEMMs on tiles, copies)
+// must not be recorded even when the op's inputs require grad.
+#define FASTVIT_BELOW_AUTOGRAD at::AutoDispatchBelowADInplaceOrView below_autograd_guard_
+
+// Reduced types (bf16, fp16) and fp32 compute in fp32; fp64 stays in fp64.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+inline at::ScalarType acc_dtype() {
+  return std::is_same_v<T, double> ? at::kDouble : at::kFloat;
+}
+
+// dst[0:n] = src[0:n] converted to the accumulation type.
+template <typename T>
+inline void load_row(const T* src, acc_t<T>* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    std::memcpy(dst, src, n * sizeof(T));
+  } else {
+    using BV = Vectorized<T>;
+    constexpr int64_t F = Vectorized<float>::size();
+    int64_t i = 0;
+    for (; i + BV::size() <= n; i += BV::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(BV::loadu(src + i));
+      lo.store(dst + i);
+      hi.store(dst + i + F);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+// dst[0:n] = src[0:n] rounded to T.
+template <typename T>
+inline void store_row(const acc_t<T>* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    if (dst != src) std::memcpy(dst, src, n * sizeof(T));
+  } else {
+    using BV = Vectorized<T>;
+    constexpr int64_t F = Vectorized<float>::size();
+    int64_t i = 0;
+    for (; i + BV::size() <= n; i += BV::size()) {
+      auto lo = Vectorized<float>::loadu(src + i);
+      auto hi = Vectorized<float>::loadu(src + i + F);
+      at::vec::convert_from_float<T>(lo, hi).store(dst + i);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+// The row as acc_t: `src` itself when T already is acc_t, else a converted copy in buf.
+template <typename T>
+inline const acc_t<T>* row_as_acc(const T* src, acc_t<T>* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return src;
+  } else {
+    load_row(src, buf, n);
+    return buf;
+  }
+}
+
+template <typename A>
+inline A row_sum(const A* x, int64_t n) {
+  using V = Vectorized<A>;
+  V a0(A(0)), a1(A(0));
+  int64_t i = 0;
+  for (; i + 2 * V::size() <= n; i += 2 * V::size()) {
+    a0 += V::loadu(x + i);
+    a1 += V::loadu(x + i + V::size());
+  }
+  for (; i + V::size() <= n; i += V::size()) a0 += V::loadu(x + i);
+  A s = at::vec::vec_reduce_all<A>([](V& p, V& q) { return p + q; }, a0 + a1);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+template <typename A>
+inline A row_max(const A* x, int64_t n) {
+  using V = Vectorized<A>;
+  A m = -std::numeric_limits<A>::infinity();
+  int64_t i = 0;
+  if (n >= V::size()) {
+    V acc = V::loadu(x);
+    for (i = V::size(); i + V::size() <= n; i += V::size()) acc = at::vec::maximum(acc, V::loadu(x + i));
+    m = at::vec::vec_reduce_all<A>([](V& p, V& q) { return at::vec::maximum(p, q); }, acc);
+  }
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// sum((x - c)^2): the variance's numerator, two-pass for accuracy (the row is in L1).
+template <typename A>
+inline A row_sq_dev(const A* x, A c, int64_t n) {
+  using V = Vectorized<A>;
+  V acc(A(0)), cv(c);
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) {
+    V d = V::loadu(x + i) - cv;
+    acc = at::vec::fmadd(d, d, acc);
+  }
+  A s = at::vec::vec_reduce_all<A>([](V& p, V& q) { return p + q; }, acc);
+  for (; i < n; ++i) s += (x[i] - c) * (x[i] - c);
+  return s;
+}
+
+// ----------------------------------------------------------------------------- GELU
+// Exact: 0.5 x (1 + erf(x / sqrt 2)). Tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+constexpr double kSqrtHalf = 0.70710678118654752440;
+constexpr double kSqrt2OverPi = 0.79788456080286535588;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+constexpr double kTanhCoef = 0.044715;
+
+template <typename A>
+inline Vectorized<A> gelu_vec(Vectorized<A> x, bool tanh_approx) {
+  using V = Vectorized<A>;
+  const V half(A(0.5)), one(A(1));
+  if (tanh_approx) {
+    V inner = V(A(kSqrt2OverPi)) * at::vec::fmadd(V(A(kTanhCoef)) * x * x, x, x);
+    return half * x * (one + inner.tanh());
+  }
+  return half * x * (one + (x * V(A(kSqrtHalf))).erf());
+}
+
+template <typename A>
+inline A gelu_scalar(A x, bool tanh_approx) {
+  if (tanh_approx) {
+    return A(0.5) * x * (A(1) + std::tanh(A(kSqrt2OverPi) * (x + A(kTanhCoef) * x * x * x)));
+  }
+  return A(0.5) * x * (A(1) + std::erf(x * A(kSqrtHalf)));
+}
+
+// d GELU(x) / dx
+template <typename A>
+inline Vectorized<A> gelu_grad_vec(Vectorized<A> x, bool tanh_approx) {
+  using V = Vectorized<A>;
+  const V half(A(0.5)), one(A(1));
+  if (tanh_approx) {
+    V x2 = x * x;
+    V t = (V(A(kSqrt2OverPi)) * at::vec::fmadd(V(A(kTanhCoef)) * x2, x, x)).tanh();
+    V dinner = V(A(kSqrt2OverPi)) * at::vec::fmadd(V(A(3 * kTanhCoef)), x2, one);
+    return half * (one + t) + half * x * (one - t * t) * dinner;
+  }
+  V cdf = half * (one + (x * V(A(kSqrtHalf))).erf());
+  V pdf = V(A(kInvSqrt2Pi)) * (V(A(-0.5)) * x * x).exp();
+  return at::vec::fmadd(x, pdf, cdf);
+}
+
+template <typename A>
+inline A gelu_grad_scalar(A x, bool tanh_approx) {
+  if (tanh_approx) {
+    A t = std::tanh(A(kSqrt2OverPi) * (x + A(kTanhCoef) * x * x * x));
+    A dinner = A(kSqrt2OverPi) * (A(1) + A(3 * kTanhCoef) * x * x);
+    return A(0.5) * (A(1) + t) + A(0.5) * x * (A(1) - t * t) * dinner;
+  }
+  return A(0.5) * (A(1) + std::erf(x * A(kSqrtHalf))) + x * A(kInvSqrt2Pi) * std::exp(A(-0.5) * x * x);
+}
+
+// Ask for a row ahead of use, so memory streams in while the current row is computed
+// on from L1 (the statistics and normalize passes otherwise leave the memory idle).
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off);
+#endif
+}
+
+// Rows per parallel task so that a task touches at least ~32K elements.
+inline int64_t row_grain(int64_t row_len) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_len));
+}
+
+// Per-thread fp32/fp64 partial sums for column reductions (LayerNorm's dweight/dbias,
+// a Linear's dbias) inside at::parallel_for; summed across threads afterwards.
+template <typename A>
+struct ThreadPartials {
+  int64_t width;
+  std::vector<A> data;
+  ThreadPartials(int64_t count, int64_t width_)
+      : width(width_), data(static_cast<size_t>(at::get_num_threads() * count * width_), A(0)) {}
+  A* get(int64_t which = 0, int64_t count = 1) {
+    return data.data() + (at::get_thread_num() * count + which) * width;
+  }
+  // Sum of partial `which` over threads.
+  at::Tensor reduce(int64_t which, int64_t count, at::ScalarType out_dtype) const {
+    at::Tensor out = at::zeros({width}, at::TensorOptions().dtype(sizeof(A) == 8 ? at::kDouble : at::kFloat));
+    A* o = out.data_ptr<A>();
+    for (int64_t t = 0; t < at::get_num_threads(); ++t) {
+      const A* p = data.data() + (t * count + which) * width;
+      for (int64_t i = 0; i < width; ++i) o[i] += p[i];
+    }
+    return out.to(out_dtype);
+  }
+};
+
+}  // namespace fastvit

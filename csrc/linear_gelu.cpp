@@ -1,0 +1,162 @@
+// GELU(x @ weight.T + bias): ATen's GEMM (MKL/oneDNN) for the product with the bias
+// folded in (addmm's beta term), then GELU in place in one vectorized parallel pass.
+//
+// Backward: grad * GELU'(pre) and the bias gradient's column sums in one pass, then two
+// GEMMs for dx and dweight.
+#include "checks.h"
+#include "common.h"
+#include "ops.h"
+
+namespace fastvit {
+namespace {
+
+bool parse_approximate(c10::string_view approximate) {
+  TORCH_CHECK(approximate == "none" || approximate == "tanh",
+              "fastvit::linear_gelu: approximate must be 'none' or 'tanh', got '", approximate, "'");
+  return approximate == "tanh";
+}
+
+// out[0:n] = GELU(in[0:n]); in == out allowed.
+template <typename T>
+void gelu_span(const T* in, T* out, int64_t n, bool tanh_approx) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t kChunk = 1024;
+  A buf[kChunk];
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t len = std::min(kChunk, n - start);
+    const A* src = row_as_acc(in + start, buf, len);
+    A* dst = std::is_same_v<T, A> ? reinterpret_cast<A*>(out + start) : buf;
+    int64_t i = 0;
+    for (; i + V::size() <= len; i += V::size()) gelu_vec(V::loadu(src + i), tanh_approx).store(dst + i);
+    for (; i < len; ++i) dst[i] = gelu_scalar(src[i], tanh_approx);
+    if constexpr (!std::is_same_v<T, A>) store_row<T>(buf, out + start, len);
+  }
+}
+
+// pre = x2d @ weight.T + bias (bias folded into the GEMM), then out = GELU(pre) in one
+// parallel vectorized pass (in place unless pre is kept for backward).
+//
+// Measured alternatives, both slower here: GEMMs on row blocks with GELU applied to each
+// block while in cache (every small GEMM re-packs the whole weight: 1.7x slower than
+// this), and oneDNN's fused GELU epilogue (mkldnn::_linear_pointwise: 36 ms vs 26 ms for
+// MKL's GEMM + this pass at ViT-S/16 fc1, batch 8, one thread).
+void linear_gelu_impl(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      at::Tensor& pre, at::Tensor& out, bool tanh_approx) {
+  const at::Tensor wt = weight.t();
+  if (bias.has_value()) {
+    at::addmm_out(pre, *bias, x2d, wt);
+  } else {
+    at::mm_out(pre, x2d, wt);
+  }
+  const int64_t n = pre.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2d.scalar_type(), "gelu", [&] {
+    const scalar_t* p = pre.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) { gelu_span(p + b, o + b, e - b, tanh_approx); });
+  });
+}
+
+void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const char* op = "fastvit::linear_gelu";
+  FASTVIT_CHECK_CPU(x);
+  FASTVIT_CHECK_FLOATING(x);
+  FASTVIT_CHECK_INPUT(weight, x);
+  FASTVIT_CHECK_DIM(weight, 2);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x's last dimension must be ",
+              weight.size(1), " (weight ", weight.sizes(), "), got x of shape ", x.sizes());
+  FASTVIT_CHECK_OPTIONAL(bias, x, weight.size(0));
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n_out) {
+  auto shape = x.sizes().vec();
+  shape.back() = n_out;
+  return shape;
+}
+
+}  // namespace
+
+at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       c10::string_view approximate) {
+  FASTVIT_BELOW_AUTOGRAD;
+  check_linear_args(x, weight, bias);
+  const bool tanh_approx = parse_approximate(approximate);
+  const at::Tensor x2d = x.reshape({-1, x.size(-1)});
+  at::Tensor out = at::empty({x2d.size(0), weight.size(0)}, x.options());
+  linear_gelu_impl(x2d, weight, bias, out, out, tanh_approx);
+  return out.view(out_shape(x, weight.size(0)));
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   c10::string_view approximate) {
+  FASTVIT_BELOW_AUTOGRAD;
+  check_linear_args(x, weight, bias);
+  const bool tanh_approx = parse_approximate(approximate);
+  const at::Tensor x2d = x.reshape({-1, x.size(-1)});
+  at::Tensor pre = at::empty({x2d.size(0), weight.size(0)}, x.options());
+  at::Tensor out = at::empty_like(pre);
+  linear_gelu_impl(x2d, weight, bias, pre, out, tanh_approx);
+  const auto shape = out_shape(x, weight.size(0));
+  return {out.view(shape), pre.view(shape)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(
+    const at::Tensor& grad_out, const at::Tensor& preact, const at::Tensor& x, const at::Tensor& weight,
+    c10::string_view approximate) {
+  const char* op = "fastvit::linear_gelu_bwd";
+  FASTVIT_BELOW_AUTOGRAD;
+  FASTVIT_CHECK_CPU(x);
+  FASTVIT_CHECK_FLOATING(x);
+  FASTVIT_CHECK_INPUT(weight, x);
+  FASTVIT_CHECK_INPUT(grad_out, x);
+  FASTVIT_CHECK_INPUT(preact, x);
+  FASTVIT_CHECK_DIM(weight, 2);
+  const bool tanh_approx = parse_approximate(approximate);
+  const auto shape = out_shape(x, weight.size(0));
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(shape) && preact.sizes() == at::IntArrayRef(shape),
+              op, ": grad_out and preact must have shape ", at::IntArrayRef(shape),
+              ", got ", grad_out.sizes(), " and ", preact.sizes());
+  const int64_t N = weight.size(0);
+  const at::Tensor x2d = x.reshape({-1, x.size(-1)});
+  const at::Tensor g = grad_out.reshape({-1, N}).contiguous();
+  const at::Tensor p = preact.reshape({-1, N}).contiguous();
+  const int64_t M = g.size(0);
+  at::Tensor gp = at::empty_like(g);  // grad of the pre-activation
+  at::Tensor dbias;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_gelu_bwd", [&] {
+    using A = acc_t<scalar_t>;
+    using V = Vectorized<A>;
+    ThreadPartials<A> partials(1, N);
+    const scalar_t* gptr = g.data_ptr<scalar_t>();
+    const scalar_t* pptr = p.data_ptr<scalar_t>();
+    scalar_t* optr = gp.data_ptr<scalar_t>();
+    at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
+      std::vector<A> buf(3 * N);
+      A *ga = buf.data(), *pa = ga + N, *oa = pa + N;
+      A* db = partials.get();
+      for (int64_t row = begin; row < end; ++row) {
+        const A* gr = row_as_acc(gptr + row * N, ga, N);
+        const A* pr = row_as_acc(pptr + row * N, pa, N);
+        A* o = std::is_same_v<scalar_t, A> ? reinterpret_cast<A*>(optr + row * N) : oa;
+        int64_t i = 0;
+        for (; i + V::size() <= N; i += V::size()) {
+          V v = V::loadu(gr + i) * gelu_grad_vec(V::loadu(pr + i), tanh_approx);
+          v.store(o + i);
+          (V::loadu(db + i) + v).store(db + i);
+        }
+        for (; i < N; ++i) {
+          o[i] = gr[i] * gelu_grad_scalar(pr[i], tanh_approx);
+          db[i] += o[i];
+        }
+        if constexpr (!std::is_same_v<scalar_t, A>) store_row<scalar_t>(oa, optr + row * N, N);
+      }
+    });
+    dbias = partials.reduce(0, 1, x.scalar_type());
+  });
+  at::Tensor dx = at::mm(gp, weight).view(x.sizes());
+  at::Tensor dweight = at::mm(gp.t(), x2d);
+  return {dx, dweight, dbias};
+}
+
+}  // namespace fastvit

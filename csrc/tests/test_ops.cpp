@@ -1,0 +1,211 @@
+// C++ unit tests for the fastvit kernels, run by ctest (one case per argument).
+// Each op, forward and backward, in fp32 against the ATen composition it replaces run in
+// fp64 (with autograd for the gradients): relative error <= 1e-5 of the result's scale.
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+
+namespace {
+
+int failures = 0;
+
+void expect_close(const std::string& what, const at::Tensor& got, const at::Tensor& want, double rtol = 1e-5) {
+  if (got.sizes() != want.sizes()) {
+    std::printf("FAIL %s: shape %s != %s\n", what.c_str(), c10::str(got.sizes()).c_str(),
+                c10::str(want.sizes()).c_str());
+    ++failures;
+    return;
+  }
+  const double scale = want.numel() ? want.abs().max().item<double>() : 0.0;
+  const double err = got.numel() ? (got.to(at::kDouble) - want).abs().max().item<double>() : 0.0;
+  const bool finite = got.numel() == 0 || at::isfinite(got).all().item<bool>();
+  const bool ok = finite && err <= rtol * scale;
+  std::printf("%s %s: max abs err %.3e, scale %.3e\n", ok ? "ok  " : "FAIL", what.c_str(), err, scale);
+  failures += ok ? 0 : 1;
+}
+
+at::Tensor randn(std::vector<int64_t> shape, double mean = 0.0, double std = 1.0) {
+  return at::randn(shape, at::kFloat) * std + mean;
+}
+
+at::Tensor dbl(const at::Tensor& t) { return t.to(at::kDouble).detach().requires_grad_(true); }
+
+std::vector<at::Tensor> grads(const at::Tensor& out, const at::Tensor& grad_out, std::vector<at::Tensor> inputs) {
+  return torch::autograd::grad({out}, inputs, {grad_out.to(at::kDouble)});
+}
+
+void test_layer_norm() {
+  auto x = randn({2, 197, 200}, 0.5, 2.0), w = randn({200}, 1.0), b = randn({200}), g = randn({2, 197, 200});
+  auto [out, mean, rstd] = fastvit::layer_norm_fwd(x, w, b, 1e-6);
+  auto xd = dbl(x), wd = dbl(w), bd = dbl(b);
+  auto ref = at::layer_norm(xd, {200}, wd, bd, 1e-6);
+  expect_close("layer_norm out", out, ref);
+  auto [dx, dw, db] = fastvit::layer_norm_bwd(g, std::nullopt, x, mean, rstd, w);
+  auto r = grads(ref, g, {xd, wd, bd});
+  expect_close("layer_norm dx", dx, r[0]);
+  expect_close("layer_norm dweight", dw, r[1]);
+  expect_close("layer_norm dbias", db, r[2]);
+}
+
+void test_add_layer_norm() {
+  auto x = randn({3, 50, 200}), res = randn({3, 50, 200}, 0.3), w = randn({200}, 1.0), b = randn({200});
+  auto g = randn({3, 50, 200}), gs = randn({3, 50, 200});
+  auto [out, sum, mean, rstd] = fastvit::add_layer_norm_fwd(x, res, w, b, 1e-6);
+  auto xd = dbl(x), rd = dbl(res), wd = dbl(w), bd = dbl(b);
+  auto sd = xd + rd;
+  auto ref = at::layer_norm(sd, {200}, wd, bd, 1e-6);
+  expect_close("add_layer_norm out", out, ref);
+  expect_close("add_layer_norm sum", sum, sd);
+  auto [dx, dw, db] = fastvit::layer_norm_bwd(g, gs, sum, mean, rstd, w);
+  auto loss = (ref * g.to(at::kDouble)).sum() + (sd * gs.to(at::kDouble)).sum();
+  auto r = torch::autograd::grad({loss}, {xd, rd, wd, bd});
+  expect_close("add_layer_norm dx", dx, r[0]);
+  expect_close("add_layer_norm dresidual", dx, r[1]);
+  expect_close("add_layer_norm dweight", dw, r[2]);
+  expect_close("add_layer_norm dbias", db, r[3]);
+}
+
+void test_linear_gelu() {
+  for (const char* approx : {"none", "tanh"}) {
+    for (int64_t batch : {1, 4}) {
+      const std::string tag = std::string("linear_gelu[") + approx + ", batch " + std::to_string(batch) + "] ";
+      auto x = randn({batch, 197, 200}), w = randn({300, 200}, 0.0, 0.1), b = randn({300});
+      auto g = randn({batch, 197, 300});
+      auto out = fastvit::linear_gelu(x, w, b, approx);
+      auto [out2, pre] = fastvit::linear_gelu_fwd(x, w, b, approx);
+      auto xd = dbl(x), wd = dbl(w), bd = dbl(b);
+      auto ref = at::gelu(at::linear(xd, wd, bd), approx);
+      expect_close(tag + "out", out, ref);
+      expect_close(tag + "out (training)", out2, ref);
+      auto [dx, dw, db] = fastvit::linear_gelu_bwd(g, pre, x, w, approx);
+      auto r = grads(ref, g, {xd, wd, bd});
+      expect_close(tag + "dx", dx, r[0]);
+      expect_close(tag + "dweight", dw, r[1]);
+      expect_close(tag + "dbias", db, r[2]);
+    }
+  }
+}
+
+void test_patch_embed() {
+  auto images = randn({2, 3, 32, 48}), w = randn({40, 3, 8, 8}, 0.0, 0.1), b = randn({40});
+  auto pos = randn({1, 25, 40}), cls = randn({1, 1, 40}), g = randn({2, 25, 40});
+  auto out = fastvit::patch_embed(images, w, b, pos, cls);
+  auto id = dbl(images), wd = dbl(w), bd = dbl(b), pd = dbl(pos), cd = dbl(cls);
+  auto conv = at::conv2d(id, wd, bd, {8, 8}).flatten(2).transpose(1, 2);
+  auto ref = at::cat({cd.expand({2, 1, 40}), conv}, 1) + pd;
+  expect_close("patch_embed out", out, ref);
+  auto [dimages, dw, db, dpos, dcls] = fastvit::patch_embed_bwd(g, images, w, true, true);
+  auto r = grads(ref, g, {id, wd, bd, pd, cd});
+  expect_close("patch_embed dimages", dimages, r[0]);
+  expect_close("patch_embed dweight", dw, r[1]);
+  expect_close("patch_embed dbias", db, r[2]);
+  expect_close("patch_embed dpos", dpos.view({1, 25, 40}), r[3]);
+  expect_close("patch_embed dcls", dcls.view({1, 1, 40}), r[4]);
+}
+
+void test_attention() {
+  for (int64_t nk : {197, 1100}) {  // 1100 keys: more than one key block (online softmax)
+    const std::string tag = "attention[Nk " + std::to_string(nk) + "] ";
+    auto q = randn({2, 3, 197, 32}), k = randn({2, 3, nk, 32}), v = randn({2, 3, nk, 32});
+    auto g = randn({2, 3, 197, 32});
+    const double scale = 0.25;
+    auto [out, lse] = fastvit::attention_fwd(q, k, v, scale);
+    auto qd = dbl(q), kd = dbl(k), vd = dbl(v);
+    auto ref = at::matmul(at::softmax(at::matmul(qd, kd.transpose(-1, -2)) * scale, -1), vd);
+    expect_close(tag + "out", out, ref);
+    auto [dq, dk, dv] = fastvit::attention_bwd(g, q, k, v, out, lse, scale);
+    auto r = grads(ref, g, {qd, kd, vd});
+    expect_close(tag + "dq", dq, r[0]);
+    expect_close(tag + "dk", dk, r[1]);
+    expect_close(tag + "dv", dv, r[2]);
+  }
+}
+
+void test_packed_attention() {
+  const int64_t B = 2, N = 197, H = 3, d = 40;
+  auto qkv = randn({B, N, 3 * H * d}), g = randn({B, N, H * d});
+  const double scale = 1.0 / std::sqrt(double(d));
+  auto [out, lse] = fastvit::packed_attention_fwd(qkv, H, scale);
+  auto qd = dbl(qkv);
+  auto parts = qd.view({B, N, 3, H, d}).permute({2, 0, 3, 1, 4});
+  auto attn = at::softmax(at::matmul(parts[0], parts[1].transpose(-1, -2)) * scale, -1);
+  auto ref = at::matmul(attn, parts[2]).transpose(1, 2).reshape({B, N, H * d});
+  expect_close("packed_attention out", out, ref);
+  auto dqkv = fastvit::packed_attention_bwd(g, qkv, out, lse, H, scale);
+  expect_close("packed_attention dqkv", dqkv, grads(ref, g, {qd})[0]);
+}
+
+void test_dispatcher() {
+  for (const char* name : {"layer_norm_fwd", "add_layer_norm_fwd", "layer_norm_bwd", "linear_gelu",
+                           "linear_gelu_fwd", "linear_gelu_bwd", "patch_embed", "patch_embed_bwd",
+                           "attention_fwd", "attention_bwd", "packed_attention_fwd", "packed_attention_bwd"}) {
+    auto op = c10::Dispatcher::singleton().findSchema({std::string("fastvit::") + name, ""});
+    const bool ok = op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CPU);
+    std::printf("%s fastvit::%s registered with a CPU kernel\n", ok ? "ok  " : "FAIL", name);
+    failures += ok ? 0 : 1;
+  }
+  // A call through the dispatcher reaches the kernel.
+  auto op = c10::Dispatcher::singleton()
+                .findSchemaOrThrow("fastvit::layer_norm_fwd", "")
+                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                      const std::optional<at::Tensor>&, double)>();
+  auto x = randn({4, 24});
+  expect_close("dispatched layer_norm", std::get<0>(op.call(x, std::nullopt, std::nullopt, 1e-6)),
+               at::layer_norm(x.to(at::kDouble), {24}, {}, {}, 1e-6));
+}
+
+void expect_error(const std::string& what, const std::function<void()>& fn, const std::string& needle) {
+  try {
+    fn();
+  } catch (const c10::Error& e) {
+    const bool ok = std::string(e.what()).find(needle) != std::string::npos;
+    std::printf("%s %s raises '%s'\n", ok ? "ok  " : "FAIL", what.c_str(), needle.c_str());
+    if (!ok) std::printf("     got: %s\n", e.what());
+    failures += ok ? 0 : 1;
+    return;
+  }
+  std::printf("FAIL %s did not raise\n", what.c_str());
+  ++failures;
+}
+
+void test_checks() {
+  auto x = randn({2, 5, 8});
+  expect_error("layer_norm with a wrong weight", [&] { fastvit::layer_norm_fwd(x, randn({7}), std::nullopt, 1e-6); },
+               "weight must have shape [8], got [7]");
+  expect_error("linear_gelu with a wrong in_features", [&] { fastvit::linear_gelu(x, randn({4, 9}), std::nullopt, "none"); },
+               "x's last dimension must be 9");
+  expect_error("attention with mixed dtypes",
+               [&] { fastvit::attention_fwd(randn({1, 1, 3, 4}), randn({1, 1, 3, 4}).to(at::kDouble), randn({1, 1, 3, 4}), 1.0); },
+               "k has dtype Double but q has Float");
+  expect_error("packed_attention with a bad width", [&] { fastvit::packed_attention_fwd(randn({1, 5, 18}), 4, 1.0); },
+               "must be 3 * num_heads * head_dim with num_heads=4");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::map<std::string, std::function<void()>> cases = {
+      {"layer_norm", test_layer_norm},   {"add_layer_norm", test_add_layer_norm},
+      {"linear_gelu", test_linear_gelu}, {"patch_embed", test_patch_embed},
+      {"attention", test_attention},     {"packed_attention", test_packed_attention},
+      {"dispatcher", test_dispatcher},   {"checks", test_checks},
+  };
+  at::manual_seed(0);
+  std::printf("kernels compiled for %s\n", fastvit::cpu_capability().c_str());
+  for (const auto& [name, fn] : cases) {
+    if (argc > 1 && name != argv[1]) continue;
+    fn();
+  }
+  if (argc > 1 && !cases.count(argv[1])) {
+    std::printf("unknown case '%s'\n", argv[1]);
+    return 2;
+  }
+  std::printf("%d failure(s)\n", failures);
+  return failures == 0 ? 0 : 1;
+}

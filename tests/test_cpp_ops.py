@@ -1,0 +1,325 @@
+"""The cpp backend (csrc/, loaded by fastvit_kernels/_cpp.py) against the reference ops.
+
+Every op, forward and every gradient, through the public API under ``backend("cpp")``:
+fp32 against the fp64 reference (1e-5 relative), bf16 and fp16 by the parity rule, on
+awkward shapes (N=197, D=200, batch 1, non-contiguous and channels-last inputs, zero-size
+batch, more keys than one key block). Then opcheck on every ``fastvit::`` op,
+torch.compile(fullgraph=True) of a function using all of them, and the fallback when the
+extension cannot be built.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastvit_kernels as fk
+from fastvit_kernels import reference
+from parity import assert_parity, rand, upcast
+
+CPP = fk.available_backends()["cpp"]
+HAVE_TOOLCHAIN = shutil.which(os.environ.get("CXX", "c++")) is not None and shutil.which("ninja") is not None
+needs_cpp = pytest.mark.skipif(not CPP.available, reason=f"cpp backend unavailable: {CPP.reason}")
+
+
+def test_cpp_backend_builds_where_a_compiler_exists():
+    if not HAVE_TOOLCHAIN:
+        pytest.skip("no C++ compiler or ninja here: the cpp backend is expected to be unavailable")
+    assert CPP.available, f"cpp backend failed to load although a toolchain exists: {CPP.reason}"
+    assert set(CPP.ops) == set(reference.OPS)
+    from fastvit_kernels import _cpp
+
+    assert torch.ops.fastvit.cpu_capability() == _cpp.CAPABILITY == _cpp.target_capability()
+
+
+# ------------------------------------------------------------------------------ helpers
+def _outputs(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _run(fn, inputs, grads_out):
+    """Outputs of fn(*inputs) and gradients of sum(out * grad_out) wrt inputs needing grad."""
+    outs = _outputs(fn(*inputs))
+    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not wrt:
+        return outs, []
+    loss = sum((o * g.to(o.dtype)).sum() for o, g in zip(outs, grads_out))
+    return outs, list(torch.autograd.grad(loss, wrt))
+
+
+def check(op: str, inputs, *args, dtype=torch.float32):
+    """Run op on the cpp backend and check outputs and gradients by the parity rule.
+
+    inputs: tensors (or None) already in ``dtype``, some requiring grad; args: the op's
+    non-tensor arguments.
+    """
+    public = getattr(fk, op)
+    ref = getattr(reference, op)
+    with fk.backend("cpp"):
+        probe = _outputs(public(*[t.detach() if isinstance(t, torch.Tensor) else t for t in inputs], *args))
+    grads_out = [torch.randn(o.shape, dtype=torch.float32) for o in probe]
+
+    with fk.backend("cpp"):
+        fast_outs, fast_grads = _run(lambda *t: public(*t, *args), inputs, grads_out)
+    hi_inputs = upcast(*inputs)
+    ref_outs, ref_grads = _run(lambda *t: ref(*t, *args), hi_inputs, grads_out)
+    low_outs, low_grads = [None] * len(ref_outs), [None] * len(ref_grads)
+    if dtype not in (torch.float32, torch.float64):
+        low_inputs = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+        low_outs, low_grads = _run(lambda *t: ref(*t, *args), low_inputs, grads_out)
+
+    for i, (f, r, lo) in enumerate(zip(fast_outs, ref_outs, low_outs)):
+        assert f.dtype == dtype, f"{op} output {i}: dtype {f.dtype}, expected {dtype}"
+        assert_parity(f"{op} output {i}", f, r, lo)
+    names = [f"input {i}" for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+    for name, f, r, lo in zip(names, fast_grads, ref_grads, low_grads):
+        assert_parity(f"{op} grad of {name}", f, r, lo)
+
+
+def _leaf(*shape, dtype=torch.float32, **kw):
+    return rand(*shape, dtype=dtype, requires_grad=True, **kw)
+
+
+def _noncontig(*shape, dtype=torch.float32, **kw):
+    """A view of the given shape whose last dimension is strided."""
+    base = rand(*shape[:-1], shape[-1] * 2, dtype=dtype, requires_grad=True, **kw)
+    return base[..., ::2]
+
+
+LOW = [torch.bfloat16, torch.float16]
+ALL = [torch.float32] + LOW
+
+
+# ---------------------------------------------------------------------------- LayerNorm
+@needs_cpp
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("shape", [(2, 197, 200), (1, 7, 384), (0, 197, 200)])
+def test_layer_norm(shape, dtype):
+    dim = shape[-1]
+    x = _leaf(*shape, dtype=dtype, mean=0.5, std=2.0)
+    w, b = _leaf(dim, dtype=dtype, mean=1.0), _leaf(dim, dtype=dtype)
+    check("layer_norm", [x, w, b], 1e-5, dtype=dtype)
+
+
+@needs_cpp
+def test_layer_norm_noncontiguous_and_no_affine():
+    check("layer_norm", [_noncontig(3, 197, 200), None, None], 1e-6)
+    check("layer_norm", [_noncontig(1, 50, 200), _leaf(200), None], 1e-6)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("shape", [(2, 197, 200), (0, 5, 200)])
+def test_add_layer_norm(shape, dtype):
+    dim = shape[-1]
+    x, r = _leaf(*shape, dtype=dtype, std=2.0), _leaf(*shape, dtype=dtype, mean=0.3)
+    w, b = _leaf(dim, dtype=dtype, mean=1.0), _leaf(dim, dtype=dtype)
+    check("add_layer_norm", [x, r, w, b], 1e-6, dtype=dtype)
+
+
+@needs_cpp
+def test_add_layer_norm_noncontiguous_no_bias():
+    check("add_layer_norm", [_noncontig(1, 197, 200), _leaf(1, 197, 200), _leaf(200), None], 1e-6)
+
+
+# ------------------------------------------------------------------------ Linear + GELU
+@needs_cpp
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("batch", [1, 3, 0])
+def test_linear_gelu(batch, approximate, dtype):
+    x = _leaf(batch, 197, 200, dtype=dtype)
+    w, b = _leaf(300, 200, dtype=dtype, std=0.1), _leaf(300, dtype=dtype)
+    check("linear_gelu", [x, w, b], approximate, dtype=dtype)
+
+
+@needs_cpp
+def test_linear_gelu_noncontiguous_no_bias_and_inference():
+    check("linear_gelu", [_noncontig(2, 197, 200), _leaf(300, 200, std=0.1), None], "none")
+    x, w = rand(2, 197, 200), rand(300, 200, std=0.1)
+    with torch.no_grad(), fk.backend("cpp"):  # the op without saved pre-activation
+        fast = fk.linear_gelu(x, w, None)
+    assert_parity("linear_gelu (no_grad)", fast, reference.linear_gelu(*upcast(x, w), None))
+
+
+# ---------------------------------------------------------------------- patch embedding
+@needs_cpp
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("batch,cls", [(2, True), (1, False), (0, True)])
+def test_patch_embed(batch, cls, dtype):
+    images = _leaf(batch, 3, 32, 48, dtype=dtype)
+    weight, bias = _leaf(40, 3, 8, 8, dtype=dtype, std=0.1), _leaf(40, dtype=dtype)
+    tokens = 4 * 6 + cls
+    pos = _leaf(1, tokens, 40, dtype=dtype)
+    cls_token = _leaf(1, 1, 40, dtype=dtype) if cls else None
+    check("patch_embed", [images, weight, bias, pos, cls_token], dtype=dtype)
+
+
+@needs_cpp
+def test_patch_embed_channels_last_and_frozen_images():
+    images = rand(2, 3, 32, 32).to(memory_format=torch.channels_last).requires_grad_(True)
+    check("patch_embed", [images, _leaf(24, 3, 16, 16, std=0.1), None, _leaf(4, 24), None])
+    # images without grad (the usual case): no image gradient computed, the rest still right
+    check("patch_embed", [rand(2, 3, 32, 32), _leaf(24, 3, 16, 16, std=0.1), _leaf(24), _leaf(1, 5, 24),
+                          _leaf(1, 1, 24)])
+
+
+# ---------------------------------------------------------------------------- attention
+@needs_cpp
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("shape", [(2, 3, 197, 32), (1, 2, 50, 80), (0, 2, 197, 64)])
+def test_attention(shape, dtype):
+    q, k, v = (_leaf(*shape, dtype=dtype) for _ in range(3))
+    check("attention", [q, k, v], None, dtype=dtype)
+
+
+@needs_cpp
+def test_attention_strided_views_cross_and_scale():
+    qkv = rand(2, 197, 3, 3, 32, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # strided (B, H, N, d) views, as the model makes them
+    check("attention", [q, k, v], 0.3)
+    check("attention", [_leaf(1, 2, 20, 64), _leaf(1, 2, 197, 64), _leaf(1, 2, 197, 64)], None)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_many_keys_uses_online_softmax(dtype):
+    # more keys than one key block (1024): the running max/sum rescaling path
+    q = _leaf(1, 1, 16, 32, dtype=dtype, std=2.0)
+    k, v = _leaf(1, 1, 1100, 32, dtype=dtype, std=2.0), _leaf(1, 1, 1100, 32, dtype=dtype)
+    check("attention", [q, k, v], None, dtype=dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("batch", [2, 1, 0])
+def test_packed_attention(batch, dtype):
+    check("packed_attention", [_leaf(batch, 197, 3 * 3 * 40, dtype=dtype)], 3, dtype=dtype)
+
+
+@needs_cpp
+def test_packed_attention_noncontiguous_and_scale():
+    check("packed_attention", [_noncontig(1, 197, 3 * 2 * 64)], 2, 0.2)
+
+
+# ------------------------------------------------------------------ input checks in C++
+@needs_cpp
+def test_cpp_ops_reject_bad_input_with_clear_messages():
+    ops = torch.ops.fastvit
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[8\], got \[7\]"):
+        ops.layer_norm_fwd(x, torch.randn(7), None, 1e-6)
+    with pytest.raises(RuntimeError, match="has dtype Double but x has Float"):
+        ops.layer_norm_fwd(x, torch.randn(8, dtype=torch.float64), None, 1e-6)
+    with pytest.raises(RuntimeError, match="x's last dimension must be 9"):
+        ops.linear_gelu(x, torch.randn(4, 9), None, "none")
+    with pytest.raises(RuntimeError, match="approximate must be 'none' or 'tanh', got 'fast'"):
+        ops.linear_gelu(x, torch.randn(4, 8), None, "fast")
+    with pytest.raises(RuntimeError, match="not divisible by the patch size 5"):
+        ops.patch_embed(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 5, 5), None, torch.randn(1, 1, 4), None)
+    with pytest.raises(RuntimeError, match="must be 3 \\* num_heads \\* head_dim with num_heads=4"):
+        ops.packed_attention_fwd(torch.randn(1, 5, 18), 4, 1.0)
+    with pytest.raises(RuntimeError, match="must be floating point"):
+        ops.attention_fwd(*(torch.ones(1, 1, 2, 4, dtype=torch.int32),) * 3, 1.0)
+
+
+# ------------------------------------------------------------- opcheck and torch.compile
+def _opcheck_cases():
+    def g(*shape, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype, requires_grad=True)
+
+    x = g(2, 7, 24)
+    mean = torch.randn(2, 7)
+    rstd = torch.rand(2, 7) + 0.5
+    qkv = g(2, 9, 3 * 2 * 8)
+    q = g(1, 2, 9, 8)
+    return {
+        "layer_norm_fwd": [(x, g(24), g(24), 1e-6), (x, None, None, 1e-5)],
+        "add_layer_norm_fwd": [(x, g(2, 7, 24), g(24), None, 1e-6)],
+        "layer_norm_bwd": [(torch.randn(2, 7, 24), torch.randn(2, 7, 24), torch.randn(2, 7, 24), mean, rstd,
+                            torch.randn(24)), (torch.randn(2, 7, 24), None, torch.randn(2, 7, 24), mean, rstd, None)],
+        "linear_gelu": [(g(3, 24), g(16, 24), g(16), "none")],
+        "linear_gelu_fwd": [(g(2, 3, 24), g(16, 24), None, "tanh"), (g(3, 24), g(16, 24), g(16), "none")],
+        "linear_gelu_bwd": [(torch.randn(3, 16), torch.randn(3, 16), torch.randn(3, 24), torch.randn(16, 24), "none")],
+        "patch_embed": [(g(2, 3, 8, 8), g(6, 3, 4, 4), g(6), g(1, 5, 6), g(1, 1, 6)),
+                        (torch.randn(1, 3, 8, 8), g(6, 3, 4, 4), None, g(4, 6), None)],
+        "patch_embed_bwd": [(torch.randn(2, 5, 6), torch.randn(2, 3, 8, 8), torch.randn(6, 3, 4, 4), True, True),
+                            (torch.randn(2, 4, 6), torch.randn(2, 3, 8, 8), torch.randn(6, 3, 4, 4), False, False)],
+        "attention_fwd": [(q, g(1, 2, 11, 8), g(1, 2, 11, 8), 0.35)],
+        "attention_bwd": [(torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 11, 8),
+                           torch.randn(1, 2, 11, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9), 0.35)],
+        "packed_attention_fwd": [(qkv, 2, 0.35)],
+        "packed_attention_bwd": [(torch.randn(2, 9, 16), torch.randn(2, 9, 48), torch.randn(2, 9, 16),
+                                  torch.randn(2, 2, 9), 2, 0.35)],
+    }
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", sorted(_opcheck_cases()))
+def test_opcheck(name):
+    op = getattr(torch.ops.fastvit, name)
+    for args in _opcheck_cases()[name]:
+        torch.library.opcheck(op, args)
+
+
+@needs_cpp
+def test_torch_compile_fullgraph_all_ops():
+    dim, heads = 32, 2
+
+    def vit_piece(images, pw, pb, pos, cls, nw, nb, qkv_w, fc_w, fc_b):
+        x = fk.patch_embed(images, pw, pb, pos, cls)
+        h = fk.layer_norm(x, nw, nb)
+        qkv = h @ qkv_w.T
+        a = fk.packed_attention(qkv, heads)
+        q, k, v = qkv.view(*qkv.shape[:2], 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        a = a + fk.attention(q, k, v).transpose(1, 2).reshape(a.shape)
+        h, x = fk.add_layer_norm(a, x, nw, nb)
+        return x + fk.linear_gelu(h, fc_w, fc_b) @ fc_w
+
+    args = [rand(2, 3, 16, 16), rand(dim, 3, 8, 8, std=0.1), rand(dim), rand(1, 5, dim), rand(1, 1, dim),
+            rand(dim, mean=1.0), rand(dim), rand(3 * dim, dim, std=0.1), rand(48, dim, std=0.1), rand(48)]
+    args = [a.requires_grad_(True) for a in args]
+    with fk.backend("cpp"):
+        compiled = torch.compile(vit_piece, fullgraph=True, backend="aot_eager")
+        out = compiled(*args)
+        out.sum().backward()
+        grads = [a.grad.clone() for a in args]
+        for a in args:
+            a.grad = None
+        eager = vit_piece(*args)
+        eager.sum().backward()
+    torch.testing.assert_close(out, eager)
+    for got, want in zip(grads, (a.grad for a in args)):
+        torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------- fallback
+def test_without_compiler_auto_falls_back_and_explicit_cpp_raises(tmp_path):
+    script = textwrap.dedent("""
+        import torch, fastvit_kernels as fk
+        x = torch.randn(3, 8)
+        out = fk.layer_norm(x, None, None)           # auto: quietly the torch backend
+        assert fk.resolved_backend("layer_norm", "cpu") == "torch"
+        try:
+            with fk.backend("cpp"):
+                fk.layer_norm(x, None, None)
+        except fk.BackendUnavailableError as exc:
+            print("RAISED", exc)
+    """)
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), FASTVIT_CPP_PREBUILT="0",
+               TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), FASTVIT_BACKEND="auto")
+    env.pop("FASTVIT_CPP_LIBRARY", None)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "RAISED backend 'cpp' is unavailable" in proc.stdout and "no C++ compiler" in proc.stdout, proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if "C++ extension unavailable" in line]
+    assert len(warnings) == 1, proc.stderr
