@@ -1,66 +1,165 @@
-"""``fastvit`` command line: ``fastvit bench`` (the main job)."""
+"""``fastvit``: the command line.
+
+  fastvit bench      parity-checked speed of every provider (the README's main job)
+  fastvit predict    top-5 classes for image files with a pretrained checkpoint
+  fastvit train      training (vit.train; every argument after ``train`` is its own)
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-
-import torch
-
-import fastvit_kernels
-from vit.config import get_config
-from vit.factory import model_class
 
 
-def _time(model, images, steps: int) -> float:
-    with torch.inference_mode():
-        model(images)  # warm-up
-        start = time.perf_counter()
-        for _ in range(steps):
-            model(images)
-        return steps * images.shape[0] / (time.perf_counter() - start)
+def _bench_parser(sub) -> None:
+    from .bench import CPU_BATCH, CPU_MODEL, CUDA_BATCH, CUDA_MODEL, DTYPES
+    from .config import PRESETS
+
+    p = sub.add_parser(
+        "bench", help="parity-check, then time every provider (eager, compile, hf, fast-*)",
+        description="Check every provider's logits against the fp32 reference on the same weights, "
+                    "then time inference (and with --train a training step) of those that pass. "
+                    "Prints a table and writes results.json (+ results.png with matplotlib) to --out.")
+    p.add_argument("--model", choices=list(PRESETS), metavar="PRESET",
+                   help=f"model preset (default: {CPU_MODEL} on CPU, {CUDA_MODEL} on CUDA); "
+                        f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--batch-size", type=int, help=f"images per step (default {CPU_BATCH} on CPU, "
+                                                   f"{CUDA_BATCH} on CUDA)")
+    p.add_argument("--dtype", choices=list(DTYPES),
+                   help="fp32, or bf16/fp16 under torch.autocast (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--providers", help="comma-separated providers, or 'all' (default: every default "
+                                       "provider that can run here; see --list-providers). "
+                                       "eager, the baseline, is always measured")
+    p.add_argument("--img-size", type=int, help="image side in pixels (default: the preset's)")
+    p.add_argument("--steps", type=int, help="timed steps per provider (default: about "
+                                             "4 s (CPU) / 3 s (CUDA) worth, at least 3)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps (default: 5 on CUDA; "
+                                              "on CPU 1, or 2 with --train)")
+    p.add_argument("--train", action="store_true",
+                   help="also time a training step (forward, cross-entropy, backward, AdamW) "
+                        "and check gradients")
+    p.add_argument("--out", default="bench-out", help="folder for results.json / results.png "
+                                                      "(default: ./bench-out)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and images (default 0)")
+    p.add_argument("--list-providers", action="store_true",
+                   help="list the providers and whether they can run here, then exit")
+    p.set_defaults(func=_bench)
 
 
-def bench(args) -> int:
-    print("backends:")
-    infos = fastvit_kernels.available_backends()
-    for name, info in infos.items():
-        print(f"  {name:7s} {info}")
-    torch.manual_seed(0)
-    cfg = get_config(args.model, num_classes=10)
-    reference = model_class(False)(cfg).eval()
-    images = torch.randn(args.batch_size, cfg.in_chans, *cfg.img_hw)
-    with torch.inference_mode():
-        expected = reference(images)
-    print(f"\n{args.model}, batch {args.batch_size}, fp32, cpu")
-    print(f"  {'provider':18s} {'img/s':>8s} {'max |diff|':>11s}")
-    print(f"  {'reference eager':18s} {_time(reference, images, args.steps):8.1f} {0.0:11.2e}")
+def _bench(args, stdout, stderr) -> int:
+    import torch
+
+    import fastvit_kernels
+
+    from . import bench
+    from . import providers as registry
+
     try:
-        fast_cls = model_class(True)
-    except NotImplementedError as exc:
-        print(f"  (fast model not measured: {exc})")
+        settings_kwargs = dict(model=args.model, device=args.device, dtype=args.dtype,
+                               batch_size=args.batch_size, img_size=args.img_size, steps=args.steps,
+                               warmup=args.warmup, train=args.train, out=args.out, seed=args.seed)
+        providers = args.providers
+        if providers is not None and providers.strip() == "all":
+            probe = bench.make_settings(**{**settings_kwargs, "providers": ["eager"]})
+            providers = [n for n in registry.provider_names()
+                         if registry.unavailable_reason(n, probe.device, probe.config) is None]
+        settings = bench.make_settings(providers=providers, **settings_kwargs)
+    except ValueError as exc:
+        print(f"error: {exc}", file=stderr)
+        return 2
+    if args.list_providers:
+        for name in registry.provider_names():
+            reason = registry.unavailable_reason(name, settings.device, settings.config)
+            default = "default" if name in registry.default_providers(settings.device, settings.config) else ""
+            print(f"  {name:<12s} {'ok' if reason is None else 'unavailable':<12s} {default:<8s} "
+                  f"{registry.get_provider(name).description}{'' if reason is None else ' -- ' + reason}",
+                  file=stdout)
         return 0
-    fast = fast_cls(cfg).eval()
-    fast.load_state_dict(reference.state_dict())
-    for name, info in infos.items():
-        if not info.available or "cpu" not in info.devices:
-            continue
-        with fastvit_kernels.backend(name), torch.inference_mode():
-            diff = (fast(images) - expected).abs().max().item()
-            print(f"  {'fast/' + name:18s} {_time(fast, images, args.steps):8.1f} {diff:11.2e}")
+
+    print("kernel backends:", file=stdout)
+    for name, info in fastvit_kernels.available_backends().items():
+        print(f"  {name:<7s} {info}", file=stdout)
+    cfg = settings.config
+    print(f"fastvit bench: {settings.model} {cfg.img_hw[0]}x{cfg.img_hw[1]}, batch {settings.batch_size}, "
+          f"{settings.dtype}, {settings.device}"
+          f"{f' ({torch.get_num_threads()} threads)' if settings.device.type == 'cpu' else ''}; "
+          f"providers: {', '.join(settings.providers)}", file=stdout)
+    stdout.flush()
+    results = bench.run(settings, stream=stderr)
+    results["command"] = " ".join(["fastvit", *args.argv])
+    print(bench.format_table(results), file=stdout)
+    written = bench.write(results, settings.out)
+    print(f"wrote {', '.join(str(p) for p in written)}"
+          f"{'' if len(written) > 1 else ' (install matplotlib for the bar chart)'}", file=stdout)
+    bad = bench.failed(results)
+    if bad:
+        print(f"error: {', '.join(bad)} failed parity or could not run; not timed", file=stderr)
+        return 1
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastvit", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("bench", help="run a small ViT through every available backend")
-    p.add_argument("--model", default="vit_small_patch16_224")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5)
-    args = parser.parse_args(argv)
-    return bench(args)
+def _predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="top-5 classes for image files",
+                       description="Classify image files with a pretrained ViT; preprocessing and "
+                                   "class names come from the checkpoint.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything PIL reads)")
+    p.add_argument("--pretrained", required=True, metavar="PATH",
+                   help="HF snapshot directory (config.json + weights) or a safetensors file "
+                        "saved by vit.checkpoint.save with its config")
+    p.add_argument("--model", metavar="PRESET",
+                   help="preset for a weights file that carries no config (timm/HF/ours)")
+    p.add_argument("--fast", action="store_true", help="run the fast model (vit.fast.ViT)")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.set_defaults(func=_predict)
+
+
+def _predict(args, stdout, stderr) -> int:
+    from . import predict
+
+    for name in ("topk", "batch_size"):
+        if getattr(args, name) <= 0:
+            print(f"error: --{name.replace('_', '-')} must be a positive integer, "
+                  f"got {getattr(args, name)}", file=stderr)
+            return 2
+    return predict.main(args, stdout, stderr)
+
+
+def _train(argv: list[str], stderr) -> int:
+    import importlib
+
+    try:
+        train = importlib.import_module("vit.train")
+    except ModuleNotFoundError as exc:
+        if exc.name != "vit.train":
+            raise
+        print("error: `fastvit train` needs vit/train.py (the training job), which this "
+              "installation does not have yet", file=stderr)
+        return 2
+    return int(train.main(argv) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastvit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,predict,train}")
+    _bench_parser(sub)
+    _predict_parser(sub)
+    # listed for --help only: main() hands everything after "train" to vit.train untouched
+    sub.add_parser("train", help="train a ViT (arguments: see `fastvit train --help`)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None, *, stdout=None, stderr=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    if argv and argv[0] == "train":
+        return _train(argv[1:], stderr)
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded with the results
+    return args.func(args, stdout, stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,155 @@
+"""Markdown report of a pytest-benchmark JSON file: every provider against "eager".
+
+    pytest bench/ --benchmark-only --benchmark-json=bench.json
+    python bench/report.py bench.json [-o bench.md]
+
+Follows the conventions of ``benchutil``: ``group`` names one comparison,
+``extra_info["provider"]`` what was timed, ``"eager"`` is the baseline. The speedup of a
+provider is the eager mean time divided by its mean time, both from the same run and
+group (> 1: faster than eager). Derived figures (img/s, TFLOP/s, GB/s, peak memory)
+come from ``extra_info``. The output opens with the run's conditions (date, machine,
+commit), then a summary (one row per group, one column per provider), then a table per
+group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BASELINE = "eager"
+# extra_info key -> (column title, format)
+FIGURES = {
+    "img_per_s": ("img/s", "{:.1f}"),
+    "tflops": ("TFLOP/s", "{:.3g}"),
+    "gb_per_s": ("GB/s", "{:.3g}"),
+    "peak_mem_mb": ("peak MiB", "{:.0f}"),
+    "parity_max_diff": ("max abs diff", "{:.2e}"),
+}
+
+
+def load(path) -> dict:
+    """Read and sanity-check a ``--benchmark-json`` file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no benchmark JSON at {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ValueError(f"{path} is not a pytest-benchmark JSON file (no 'benchmarks' list); "
+                         "write one with `pytest bench/ --benchmark-only --benchmark-json=FILE`")
+    return data
+
+
+def _provider(bench: dict) -> str:
+    return (bench.get("extra_info") or {}).get("provider") or bench.get("name", "?")
+
+
+def groups(data: dict) -> dict[str, list[dict]]:
+    """Benchmarks by group, the baseline first, then fastest first; each with 'speedup'."""
+    out: dict[str, list[dict]] = {}
+    for bench in data["benchmarks"]:
+        out.setdefault(bench.get("group") or bench.get("name", "?"), []).append(dict(bench))
+    for name, rows in out.items():
+        base = next((b for b in rows if _provider(b) == BASELINE), None)
+        for bench in rows:
+            mean = bench["stats"]["mean"]
+            bench["speedup"] = base["stats"]["mean"] / mean if base and mean > 0 else None
+        rows.sort(key=lambda b: (_provider(b) != BASELINE, b["stats"]["mean"]))
+    return dict(sorted(out.items()))
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    try:
+        return spec.format(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _speedup(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _conditions(data: dict) -> list[str]:
+    machine = data.get("machine_info") or {}
+    commit = data.get("commit_info") or {}
+    cpu = machine.get("cpu") or {}
+    cpu_name = cpu.get("brand_raw") or cpu.get("brand") or machine.get("processor") or "?"
+    devices = sorted({str((b.get("extra_info") or {}).get("device")) for b in data["benchmarks"]
+                      if (b.get("extra_info") or {}).get("device")})
+    lines = [f"- date: {data.get('datetime', '?')}",
+             f"- machine: {machine.get('node', '?')}, {cpu_name}, {cpu.get('count', '?')} CPUs, "
+             f"{machine.get('system', '?')} {machine.get('release', '')}".rstrip(),
+             f"- python {machine.get('python_version', '?')}, "
+             f"pytest-benchmark {data.get('version', '?')}"]
+    if devices:
+        lines.append(f"- device: {', '.join(devices)}")
+    if commit.get("id"):
+        dirty = " (uncommitted changes)" if commit.get("dirty") else ""
+        lines.append(f"- commit: {commit['id'][:12]}{dirty} on {commit.get('branch', '?')}")
+    return lines
+
+
+def render(data: dict) -> str:
+    """The markdown report of a loaded pytest-benchmark JSON document."""
+    by_group = groups(data)
+    if not by_group:
+        return "# Benchmark report\n\nNo benchmarks in this file (were they all skipped?).\n"
+    providers = []
+    for rows in by_group.values():
+        for bench in rows:
+            if _provider(bench) not in providers:
+                providers.append(_provider(bench))
+    providers.sort(key=lambda p: p != BASELINE)
+    lines = ["# Benchmark report", "", *_conditions(data), "",
+             f"Speedup = mean time of `{BASELINE}` / mean time of the provider, same group, same run "
+             "(higher is faster).", "",
+             "## Summary: speedup vs eager", "",
+             "| group | " + " | ".join(providers) + " |",
+             "| --- | " + " | ".join("---:" for _ in providers) + " |"]
+    for name, rows in by_group.items():
+        cells = {_provider(b): _speedup(b["speedup"]) for b in rows}
+        lines.append(f"| {name} | " + " | ".join(cells.get(p, "") for p in providers) + " |")
+    for name, rows in by_group.items():
+        figures = [k for k in FIGURES if any((b.get("extra_info") or {}).get(k) is not None for b in rows)]
+        lines += ["", f"## {name}", ""]
+        if not any(_provider(b) == BASELINE for b in rows):
+            lines += [f"(no `{BASELINE}` baseline in this group: no speedups)", ""]
+        head = ["provider", "mean ms", "stddev ms", "median ms", "rounds", "speedup vs eager"]
+        head += [FIGURES[k][0] for k in figures]
+        lines += ["| " + " | ".join(head) + " |", "| --- | " + " | ".join("---:" for _ in head[1:]) + " |"]
+        for bench in rows:
+            stats, extra = bench["stats"], bench.get("extra_info") or {}
+            cells = [_provider(bench), f"{stats['mean'] * 1e3:.3f}", f"{stats.get('stddev', 0) * 1e3:.3f}",
+                     f"{stats.get('median', stats['mean']) * 1e3:.3f}", str(stats.get("rounds", "?")),
+                     _speedup(bench["speedup"])]
+            cells += [_fmt(extra.get(k), FIGURES[k][1]) for k in figures]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", help="file written by pytest --benchmark-json")
+    parser.add_argument("-o", "--output", help="write the markdown here (default: stdout)")
+    args = parser.parse_args(argv)
+    try:
+        text = render(load(args.json))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

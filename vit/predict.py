@@ -1,0 +1,142 @@
+"""``fastvit predict``: top-k classes for image files with a pretrained classifier.
+
+The checkpoint brings its preprocessing (``vit.preprocess.for_checkpoint``) and its class
+names (a Hugging Face config's ``id2label``, or ``id2label`` in our safetensors metadata;
+else the class indices). Files are read and classified in batches; a file that cannot
+be read is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from . import checkpoint as ckpt
+from .preprocess import ImageLoadError, Preprocess, for_checkpoint, load_image
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (class, label, probability)
+    error: str | None = None
+
+
+def load_labels(path, num_classes: int) -> list[str]:
+    """Class names stored with the checkpoint, else the class indices as strings."""
+    path = Path(path)
+    id2label = None
+    if path.is_dir():
+        config = path / "config.json"
+        if config.is_file():
+            id2label = json.loads(config.read_text()).get("id2label")
+    elif path.suffix == ".safetensors":
+        raw = ckpt.load_metadata(path).get("id2label")
+        id2label = json.loads(raw) if raw else None
+    labels = [str(i) for i in range(num_classes)]
+    for key, name in (id2label or {}).items():
+        index = int(key)
+        if 0 <= index < num_classes:
+            labels[index] = str(name)
+    return labels
+
+
+def load_classifier(pretrained, *, fast: bool = False, model_name: str | None = None,
+                    device=None):
+    """(model in eval mode on ``device``, its Preprocess, its class names) for a checkpoint.
+
+    ``pretrained``: a HF snapshot directory or a safetensors file carrying our config;
+    with ``model_name`` (a preset) any timm / HF / our weights file.
+    """
+    from .factory import create_model, from_pretrained
+
+    path = Path(pretrained)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    model = (create_model(model_name, fast=fast, pretrained=path) if model_name
+             else from_pretrained(path, fast=fast))
+    if model.config.num_classes == 0:
+        raise ValueError(f"the checkpoint at {path} has no classification head (num_classes=0)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval()
+    return model, for_checkpoint(path, model.config.img_hw), load_labels(path, model.config.num_classes)
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def predict(paths: Iterable, model: torch.nn.Module, preprocess: Preprocess, labels: list[str], *,
+            batch_size: int = 16, topk: int = 5) -> Iterator[Prediction]:
+    """One Prediction per path, in order; unreadable files carry ``error`` instead."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
+        raise ValueError(f"topk must be a positive integer, got {topk!r}")
+    device = next(model.parameters()).device
+    expected = model.config.img_hw
+    k = min(topk, len(labels))
+    for chunk in _chunks([str(p) for p in paths], batch_size):
+        results = [Prediction(p) for p in chunk]
+        tensors, ok = [], []
+        for result in results:
+            try:
+                tensor = preprocess(load_image(result.path))
+            except ImageLoadError as exc:
+                result.error = str(exc)
+                continue
+            if tuple(tensor.shape[-2:]) != expected and not model.config.dynamic_img_size:
+                result.error = (f"preprocessing gave a {tensor.shape[-2]}x{tensor.shape[-1]} image, "
+                                f"the model expects {expected[0]}x{expected[1]}")
+                continue
+            tensors.append(tensor)
+            ok.append(result)
+        if tensors:
+            with torch.inference_mode():
+                probs = model(torch.stack(tensors).to(device)).float().softmax(dim=-1)
+            values, indices = probs.topk(k, dim=-1)
+            for result, vals, idxs in zip(ok, values.tolist(), indices.tolist()):
+                result.top = [(i, labels[i], v) for i, v in zip(idxs, vals)]
+        yield from results
+
+
+def format_prediction(prediction: Prediction) -> str:
+    lines = [prediction.path]
+    for rank, (index, label, prob) in enumerate(prediction.top, 1):
+        name = label if label == str(index) else f"{label} ({index})"
+        lines.append(f"  {rank}. {prob * 100:6.2f}%  {name}")
+    return "\n".join(lines)
+
+
+def main(args, stdout, stderr) -> int:
+    """The ``fastvit predict`` command (arguments parsed by vit.cli)."""
+    from .factory import model_class
+
+    if args.fast:
+        try:
+            model_class(True)
+        except NotImplementedError as exc:
+            print(f"error: --fast needs the fast model: {exc}", file=stderr)
+            return 2
+    try:
+        model, preprocess, labels = load_classifier(args.pretrained, fast=args.fast,
+                                                    model_name=args.model, device=args.device)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        print(f"error: cannot load {args.pretrained}: {exc}", file=stderr)
+        return 2
+    failures = 0
+    for prediction in predict(args.images, model, preprocess, labels, batch_size=args.batch_size,
+                              topk=args.topk):
+        if prediction.error:
+            failures += 1
+            print(f"error: {prediction.path}: {prediction.error}", file=stderr)
+            continue
+        print(format_prediction(prediction), file=stdout)
+    if failures:
+        print(f"{failures} of {len(args.images)} file(s) could not be classified", file=stderr)
+    return 1 if failures else 0

@@ -1,0 +1,188 @@
+"""Image preprocessing for inference: resize, center crop, scale to [0, 1], normalize.
+
+``Preprocess`` is the recipe; ``for_checkpoint`` reads it from a checkpoint: a Hugging
+Face snapshot's ``preprocessor_config.json`` when there is one, else the timm/ImageNet
+defaults for the model's image size (resize the shorter side to size / 0.875, bicubic,
+center crop, ImageNet mean and std).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_CROP_PCT = 0.875
+_FILTERS = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")  # PIL's codes 0..5
+
+
+class ImageLoadError(ValueError):
+    """A file that cannot be read as an image."""
+
+
+def _pair(name: str, value) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise ValueError(f"{name} must be a positive int or (height, width), got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """resize: an int resizes the shorter side to it (aspect kept), (h, w) resizes to exactly
+    that, None keeps the size; crop: center crop (h, w) or None; the pixels are then
+    multiplied by ``rescale`` and, with ``normalize``, standardized by mean and std."""
+
+    resize: int | tuple[int, int] | None
+    crop: tuple[int, int] | None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    rescale: float = 1 / 255
+    normalize: bool = True
+
+    def __post_init__(self):
+        if self.resize is not None and not isinstance(self.resize, int):
+            object.__setattr__(self, "resize", _pair("resize", self.resize))
+        elif isinstance(self.resize, bool) or (isinstance(self.resize, int) and self.resize <= 0):
+            raise ValueError(f"resize must be a positive int, (height, width) or None, got {self.resize!r}")
+        if self.crop is not None:
+            object.__setattr__(self, "crop", _pair("crop", self.crop))
+        if self.interpolation not in _FILTERS:
+            raise ValueError(f"interpolation must be one of {', '.join(_FILTERS)}, got {self.interpolation!r}")
+        for name in ("mean", "std"):
+            values = tuple(float(v) for v in getattr(self, name))
+            if len(values) != 3:
+                raise ValueError(f"{name} must have 3 values (RGB), got {getattr(self, name)!r}")
+            object.__setattr__(self, name, values)
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std!r}")
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of the tensor produced from an image of this size."""
+        if self.crop is not None:
+            return self.crop
+        return self._resized(height, width)
+
+    def _resized(self, height: int, width: int) -> tuple[int, int]:
+        if self.resize is None:
+            return height, width
+        if isinstance(self.resize, tuple):
+            return self.resize
+        short, long = (height, width) if height <= width else (width, height)
+        new_long = int(self.resize * long / short)
+        return (self.resize, new_long) if height <= width else (new_long, self.resize)
+
+    def __call__(self, image) -> torch.Tensor:
+        """A PIL image -> float32 tensor (3, H, W)."""
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
+        image = image.convert("RGB")
+        size = self._resized(image.height, image.width)
+        if size != (image.height, image.width):
+            image = image.resize((size[1], size[0]), Image.Resampling[self.interpolation.upper()])
+        if self.crop is not None:
+            ch, cw = self.crop
+            top = int(round((image.height - ch) / 2.0))
+            left = int(round((image.width - cw) / 2.0))
+            # outside the image PIL fills with zeros, i.e. pads small images with black
+            image = image.crop((left, top, left + cw, top + ch))
+        pixels = np.asarray(image, dtype=np.float32) * np.float32(self.rescale)
+        if self.normalize:
+            pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def default_preprocess(img_hw, crop_pct: float = DEFAULT_CROP_PCT) -> Preprocess:
+    """timm's ImageNet evaluation recipe for a model taking ``img_hw`` images."""
+    height, width = _pair("img_hw", img_hw)
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+    resize = math.floor(min(height, width) / crop_pct)
+    return Preprocess(resize=resize, crop=(height, width))
+
+
+def _hf_size(value, name: str):
+    """HF's size / crop_size field -> an int (shorter side) or (h, w)."""
+    if isinstance(value, int):
+        return value, None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be an int or a dict, got {value!r}")
+    if "height" in value and "width" in value:
+        return (int(value["height"]), int(value["width"])), None
+    if "shortest_edge" in value and "longest_edge" not in value:
+        return int(value["shortest_edge"]), "shortest_edge"
+    raise ValueError(f"unsupported {name} {value!r}: expected {{'height', 'width'}} or {{'shortest_edge'}}")
+
+
+def from_hf_config(cfg: dict) -> Preprocess:
+    """The recipe of a Hugging Face image processor config (``preprocessor_config.json``)."""
+    if not isinstance(cfg, dict):
+        raise TypeError(f"expected the preprocessor config as a dict, got {type(cfg).__name__}")
+    resample = cfg.get("resample", 2)
+    interpolation = _FILTERS[resample] if isinstance(resample, int) and 0 <= resample < len(_FILTERS) \
+        else str(resample).lower()
+    resize, crop = None, None
+    if cfg.get("do_resize", True) and "size" in cfg:
+        resize, kind = _hf_size(cfg["size"], "size")
+        if kind == "shortest_edge" and "crop_pct" in cfg and cfg.get("crop_pct"):
+            # ConvNeXt-style: resize the shorter side to size / crop_pct, then crop size
+            crop = (resize, resize)
+            resize = int(resize / float(cfg["crop_pct"]))
+        elif isinstance(resize, int) and kind is None:
+            resize = (resize, resize)  # a bare int size means a square (ViT's legacy format)
+    if cfg.get("do_center_crop", False) and "crop_size" in cfg:
+        size, _ = _hf_size(cfg["crop_size"], "crop_size")
+        crop = size if isinstance(size, tuple) else (size, size)
+    return Preprocess(
+        resize=resize, crop=crop,
+        mean=tuple(cfg.get("image_mean", IMAGENET_MEAN)), std=tuple(cfg.get("image_std", IMAGENET_STD)),
+        interpolation=interpolation,
+        rescale=float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0,
+        normalize=bool(cfg.get("do_normalize", True)))
+
+
+def for_checkpoint(path, img_hw) -> Preprocess:
+    """The recipe stored with the checkpoint at ``path``, else the defaults for ``img_hw``."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    config = folder / "preprocessor_config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{config} is not valid JSON: {exc}") from exc
+        return from_hf_config(data)
+    return default_preprocess(img_hw)
+
+
+def load_image(path):
+    """Open ``path`` as an RGB PIL image, fully decoded; ImageLoadError says why not."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise ImageLoadError("no such file")
+    if path.is_dir():
+        raise ImageLoadError("is a directory, not an image file")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not later
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise ImageLoadError("not an image, or an image format PIL cannot read") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"refused, too many pixels ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(f"cannot decode image: {exc}") from None

@@ -1,0 +1,270 @@
+"""What ``fastvit bench`` and ``bench/test_bench_model.py`` measure: a registry of providers.
+
+A provider turns the reference model (eval mode, on the benchmark device, fp32) into a
+module with the same weights that maps images to logits: the reference itself in eager
+PyTorch ("eager", the baseline for ratios), ``torch.compile`` of it ("compile"), Hugging
+Face transformers' ``ViTForImageClassification`` ("hf"), and the fast model ``vit.fast.ViT``
+under each kernel backend ("fast-triton", "fast-cpp", "fast-torch"; "fast" is its
+automatic dispatch). Each provider also says whether it can run here and, if not, why.
+
+Tests and users add their own with ``register_provider`` (a deliberately broken one
+shows that the parity check catches it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import ViTConfig
+
+
+def _no_context() -> ContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One way of running the model.
+
+    build(reference) -> nn.Module with the reference's weights (never the reference
+    itself: training mutates it) whose forward(images) returns logits.
+    unavailable(device, config) -> None when it can run there, else the reason.
+    context() -> context manager every step of this provider runs in (forward, backward
+    and optimizer step), e.g. ``fastvit_kernels.backend("cpp")``.
+    default: part of the list ``fastvit bench`` runs when --providers is not given (a
+    bool, or a predicate on the device).
+    """
+
+    name: str
+    build: Callable[[nn.Module], nn.Module]
+    description: str = ""
+    unavailable: Callable[[torch.device, ViTConfig], str | None] = lambda device, config: None
+    context: Callable[[], ContextManager] = _no_context
+    default: bool | Callable[[torch.device], bool] = True
+
+    def is_default(self, device: torch.device) -> bool:
+        return bool(self.default(device) if callable(self.default) else self.default)
+
+
+_REGISTRY: dict[str, Provider] = {}
+
+
+def register_provider(name: str, build: Callable[[nn.Module], nn.Module], *, description: str = "",
+                      unavailable: Callable[[torch.device, ViTConfig], str | None] | None = None,
+                      context: Callable[[], ContextManager] | None = None,
+                      default: bool | Callable[[torch.device], bool] = True,
+                      replace: bool = False) -> Provider:
+    """Add a provider (see ``Provider``); ``replace=True`` overwrites one of the same name."""
+    if not isinstance(name, str) or not name or "," in name or name != name.strip():
+        raise ValueError(f"provider name must be a non-empty string without commas or "
+                         f"surrounding spaces, got {name!r}")
+    if not callable(build):
+        raise TypeError(f"build must be callable (reference model -> module), got {type(build).__name__}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"provider {name!r} is already registered; pass replace=True to overwrite it")
+    provider = Provider(name, build, description,
+                        unavailable or (lambda device, config: None),
+                        context or _no_context, default)
+    _REGISTRY[name] = provider
+    return provider
+
+
+def unregister_provider(name: str) -> None:
+    if name not in _REGISTRY:
+        raise KeyError(f"no provider {name!r}; registered: {', '.join(_REGISTRY)}")
+    del _REGISTRY[name]
+
+
+def get_provider(name: str) -> Provider:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown provider {name!r}; registered: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def provider_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def unavailable_reason(name: str, device: torch.device, config: ViTConfig) -> str | None:
+    """None when provider ``name`` can run on ``device`` for ``config``, else why not."""
+    try:
+        return get_provider(name).unavailable(torch.device(device), config)
+    except Exception as exc:  # a provider whose check itself fails cannot run
+        return f"{type(exc).__name__}: {exc}"
+
+
+def default_providers(device, config: ViTConfig) -> list[str]:
+    """The default providers that can run on ``device``, "eager" first."""
+    device = torch.device(device)
+    names = [n for n, p in _REGISTRY.items()
+             if p.is_default(device) and unavailable_reason(n, device, config) is None]
+    return sorted(names, key=lambda n: n != "eager")
+
+
+# ------------------------------------------------------------------------ eager / compile
+def _build_eager(reference: nn.Module) -> nn.Module:
+    return copy.deepcopy(reference)
+
+
+def _build_compile(reference: nn.Module) -> nn.Module:
+    return torch.compile(copy.deepcopy(reference))
+
+
+def _compile_unavailable(device: torch.device, config: ViTConfig) -> str | None:
+    if device.type == "cpu":
+        import shutil
+
+        if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+            return "torch.compile on CPU needs a C++ compiler (none found on PATH)"
+    return None
+
+
+# ------------------------------------------------------------------------ Hugging Face
+class _Logits(nn.Module):
+    """transformers' model output -> its logits tensor; ``module.`` prefix keeps key names."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(pixel_values=images).logits
+
+
+def _hf_unavailable(device: torch.device, config: ViTConfig) -> str | None:
+    if importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed"
+    if config.global_pool != "token" or config.use_fc_norm:
+        return "transformers' ViT pools the class token after the final norm only"
+    if config.num_classes == 0:
+        return "transformers' ViTForImageClassification needs a classification head"
+    if config.img_hw[0] != config.img_hw[1]:
+        return "transformers' ViT config takes square images only"
+    if config.mlp_hidden_dim != config.embed_dim * config.mlp_ratio:
+        return "mlp_ratio does not give an integer hidden size"
+    return None
+
+
+def to_hf_state_dict(state_dict: dict, hf_keys) -> dict:
+    """Our (timm) ViT weights under the given Hugging Face ViT keys.
+
+    The inverse of ``checkpoint.convert_state_dict`` for one transformers model: the
+    fused qkv projection is split into query/key/value. HF keys an image classifier does
+    not use (pooler, mask token) are left out.
+    """
+    embed = ckpt._HF_EMBED
+    out, unknown = {}, []
+    for key in hf_keys:
+        short = key[len("vit."):] if key.startswith("vit.") else key
+        if short in embed:
+            out[key] = state_dict[embed[short]]
+            continue
+        if short in ckpt._HF_UNUSED:
+            continue
+        match = ckpt._HF_BLOCK_KEY.match(short)
+        if match:
+            index, name, kind = match.groups()
+            if name in ckpt._HF_BLOCK:
+                out[key] = state_dict[f"blocks.{index}.{ckpt._HF_BLOCK[name]}.{kind}"]
+                continue
+            if name in ckpt._HF_QKV:
+                qkv = state_dict[f"blocks.{index}.attn.qkv.{kind}"]
+                out[key] = qkv.chunk(3, dim=0)[ckpt._HF_QKV[name]]
+                continue
+        unknown.append(key)
+    if unknown:
+        raise ValueError(f"no counterpart in our ViT for Hugging Face keys {unknown[:10]}")
+    return out
+
+
+def _build_hf(reference: nn.Module) -> nn.Module:
+    import transformers
+
+    cfg = reference.config
+    hf_config = transformers.ViTConfig(
+        hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.mlp_hidden_dim, hidden_act="gelu", image_size=cfg.img_hw[0],
+        patch_size=cfg.patch_size, num_channels=cfg.in_chans, num_labels=cfg.num_classes,
+        qkv_bias=cfg.qkv_bias, layer_norm_eps=cfg.norm_eps, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)
+    # SDPA attention, as in the reference (transformers' default for ViT today; asked for
+    # explicitly so that a change of default cannot change what is measured)
+    hf_config._attn_implementation = "sdpa"
+    model = transformers.ViTForImageClassification(hf_config)
+    ours = reference.state_dict()
+    weights = to_hf_state_dict(ours, model.state_dict().keys())
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    unused = [k for k in missing if k.removeprefix("vit.") not in ckpt._HF_UNUSED]
+    if unused or unexpected:
+        raise ValueError(f"Hugging Face ViT weights incomplete: missing {unused}, unexpected {unexpected}")
+    param = next(reference.parameters())
+    return _Logits(model.to(device=param.device, dtype=param.dtype).eval())
+
+
+# ------------------------------------------------------------------------ fast model
+def _build_fast(reference: nn.Module) -> nn.Module:
+    from .factory import model_class
+
+    param = next(reference.parameters())
+    fast = model_class(True)(reference.config).to(device=param.device, dtype=param.dtype)
+    fast.load_state_dict(reference.state_dict(), strict=True)
+    return fast.train(reference.training)
+
+
+def _fast_unavailable(backend: str | None):
+    def check(device: torch.device, config: ViTConfig) -> str | None:
+        from .factory import model_class
+
+        try:
+            model_class(True)
+        except NotImplementedError as exc:
+            return str(exc)
+        if backend is None:
+            return None
+        import fastvit_kernels
+
+        info = fastvit_kernels.available_backends()[backend]
+        if not info.available:
+            return f"backend {backend!r} is unavailable: {info.reason}"
+        if backend == "triton" and device.type == "cpu":
+            return "Triton on CPU tensors is the interpreter (for tests), never benchmarked"
+        if device.type not in info.devices:
+            return f"backend {backend!r} runs on {'/'.join(info.devices)} tensors, not {device.type}"
+        return None
+
+    return check
+
+
+def _backend_context(backend: str):
+    def context() -> ContextManager:
+        import fastvit_kernels
+
+        return fastvit_kernels.backend(backend)
+
+    return context
+
+
+register_provider("eager", _build_eager,
+                  description="reference vit.ViT, eager PyTorch (SDPA attention): the baseline")
+# Not a default on CPU: compiling ViT-S costs ~45 CPU-seconds (cold cache, measured on the
+# 2-core dev machine), a third of `fastvit bench`'s budget, and the compiled model was no
+# faster than eager there (0.7x-1.1x). `--providers compile` or `all` measures it.
+register_provider("compile", _build_compile, unavailable=_compile_unavailable,
+                  default=lambda device: device.type == "cuda",
+                  description="torch.compile(reference), default mode")
+register_provider("hf", _build_hf, unavailable=_hf_unavailable,
+                  description="transformers ViTForImageClassification (SDPA), same weights")
+for _backend in ("triton", "cpp", "torch"):
+    register_provider(f"fast-{_backend}", _build_fast, unavailable=_fast_unavailable(_backend),
+                      context=_backend_context(_backend),
+                      description=f"vit.fast.ViT, every op on the {_backend} backend")
+register_provider("fast", _build_fast, unavailable=_fast_unavailable(None), default=False,
+                  description="vit.fast.ViT, automatic backend choice (what a user gets by default)")
