@@ -19,6 +19,8 @@ one replaces:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.amp.autocast_mode import is_autocast_available
 
@@ -63,8 +65,8 @@ def _check_same(tensors: dict[str, torch.Tensor | None]) -> None:
 
 def _check_scale(scale) -> None:
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
-                              or not scale > 0):
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+                              or not 0 < scale < math.inf):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 
 def _check_eps(eps) -> None:
@@ -78,6 +80,16 @@ def _autocast_dtype(device: torch.device):
     if not is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)
+
+
+def _contiguous(*tensors):
+    """Parameters (bias, cls_token, pos_embed ...) in contiguous memory.
+
+    They are small, so the copy of a strided or expanded one costs nothing, and no
+    backend has to handle strides for them (a kernel reading ``W + cols`` of a strided
+    or stride-0 weight would be silently wrong).
+    """
+    return tuple(t.contiguous() if t is not None else None for t in tensors)
 
 
 def _cast(dtype, *tensors):
@@ -121,7 +133,7 @@ def patch_embed(images, weight, bias, pos_embed, cls_token=None):
     _check_optional("bias", bias, (dim,))
     if cls_token is not None:
         _check_tensor("cls_token", cls_token)
-        if cls_token.numel() != dim or cls_token.shape[-1] != dim:
+        if tuple(cls_token.shape) != (1, 1, dim):
             raise ValueError(f"cls_token must have shape (1, 1, {dim}), got {tuple(cls_token.shape)}")
     tokens = (height // ph) * (width // ph) + (cls_token is not None)
     if pos_embed.shape[-2:] != (tokens, dim) or pos_embed.numel() != tokens * dim:
@@ -133,6 +145,7 @@ def patch_embed(images, weight, bias, pos_embed, cls_token=None):
         images, weight, bias, pos_embed, cls_token = _cast(cast, images, weight, bias, pos_embed, cls_token)
     _check_same({"images": images, "weight": weight, "bias": bias, "pos_embed": pos_embed,
                  "cls_token": cls_token})
+    bias, pos_embed, cls_token = _contiguous(bias, pos_embed, cls_token)
     return _run("patch_embed", images.device, images, weight, bias, pos_embed, cls_token)
 
 
@@ -151,6 +164,7 @@ def layer_norm(x, weight, bias, eps: float = 1e-6):
     if _autocast_dtype(x.device) is not None:
         weight, bias = _cast(x.dtype, weight, bias)
     _check_same({"x": x, "weight": weight, "bias": bias})
+    weight, bias = _contiguous(weight, bias)
     return _run("layer_norm", x.device, x, weight, bias, float(eps))
 
 
@@ -163,6 +177,7 @@ def add_layer_norm(x, residual, weight, bias, eps: float = 1e-6):
     if _autocast_dtype(x.device) is not None:
         x, residual, weight, bias = _cast(torch.result_type(x, residual), x, residual, weight, bias)
     _check_same({"x": x, "residual": residual, "weight": weight, "bias": bias})
+    weight, bias = _contiguous(weight, bias)
     return _run("add_layer_norm", x.device, x, residual, weight, bias, float(eps))
 
 
@@ -180,6 +195,7 @@ def linear_gelu(x, weight, bias, approximate: str = "none"):
     if cast is not None:
         x, weight, bias = _cast(cast, x, weight, bias)
     _check_same({"x": x, "weight": weight, "bias": bias})
+    (bias,) = _contiguous(bias)
     return _run("linear_gelu", x.device, x, weight, bias, approximate)
 
 

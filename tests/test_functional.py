@@ -32,12 +32,47 @@ def test_backend_context_and_env(monkeypatch):
             pass
 
 
-def test_explicit_unavailable_backend_raises():
-    for name, info in fk.available_backends().items():
-        if not info.available:
-            x = torch.randn(3, 8)
-            with fk.backend(name), pytest.raises(fk.BackendUnavailableError, match=name):
-                fk.layer_norm(x, None, None)
+def test_explicit_unavailable_backend_raises(monkeypatch):
+    from fastvit_kernels import _dispatch
+
+    monkeypatch.setitem(_dispatch._loaded, "cpp", _dispatch._Loaded(reason="ImportError: no compiler"))
+    assert not fk.available_backends()["cpp"].available
+    x = torch.randn(3, 8)
+    with fk.backend("cpp"), pytest.raises(fk.BackendUnavailableError, match="'cpp' is unavailable.*no compiler"):
+        fk.layer_norm(x, None, None)
+    # auto falls back quietly to a backend that can run the call
+    with fk.backend("auto"):
+        assert fk.resolved_backend("layer_norm", "cpu") == "torch"
+        torch.testing.assert_close(fk.layer_norm(x, None, None), F.layer_norm(x, (8,), eps=1e-6))
+
+
+def _cpu_backends():
+    return [n for n, i in fk.available_backends().items() if i.available and "cpu" in i.devices]
+
+
+@pytest.mark.parametrize("name", ["torch", "cpp", "triton"])
+def test_strided_and_expanded_parameters(name):
+    """Parameters given as strided or stride-0 views give the same result as contiguous ones."""
+    if name not in _cpu_backends():
+        pytest.skip(f"{name} cannot run on CPU here: {fk.available_backends()[name]}")
+    x = torch.randn(4, 48) * 3 + 1
+    weight = torch.randn(96)[::2]                # stride 2
+    bias = torch.randn(1).expand(48)             # stride 0
+    w2 = torch.randn(32, 96)[:, ::2]             # (32, 48) with a strided last dim
+    b2 = torch.randn(64)[::2]
+    with fk.backend(name):
+        torch.testing.assert_close(fk.layer_norm(x, weight, bias),
+                                   F.layer_norm(x, (48,), weight.contiguous(), bias.contiguous(), 1e-6))
+        torch.testing.assert_close(fk.linear_gelu(x, w2, b2),
+                                   F.gelu(F.linear(x, w2.contiguous(), b2.contiguous())), rtol=1e-4, atol=1e-5)
+        images = torch.randn(2, 3, 16, 16)
+        weight4 = torch.randn(16, 3, 8, 8)
+        cls = torch.randn(1, 1, 32)[..., ::2]     # (1, 1, 16) strided
+        pos = torch.randn(1, 5, 32)[..., ::2]     # (1, 5, 16) strided
+        pbias = torch.randn(1).expand(16)
+        expected = reference.patch_embed(images, weight4, pbias.contiguous(), pos.contiguous(), cls.contiguous())
+        torch.testing.assert_close(fk.patch_embed(images, weight4, pbias, pos, cls), expected,
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_explicit_backend_on_wrong_device_raises():
@@ -91,6 +126,8 @@ def test_ops_are_differentiable_on_torch_backend():
     (lambda: fk.attention(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8)), "same shape"),
     (lambda: fk.attention(torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)), "4 dimensions"),
     (lambda: fk.packed_attention(torch.randn(1, 3, 20), 3), "3 \\* num_heads"),
+    (lambda: fk.attention(*[torch.randn(1, 2, 3, 8)] * 3, scale=float("inf")), "positive finite"),
+    (lambda: fk.patch_embed(torch.randn(1, 3, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 5, 8), torch.randn(8)), r"cls_token must have shape \(1, 1, 8\), got \(8,\)"),
     (lambda: fk.patch_embed(torch.randn(1, 3, 30, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 5, 8)), "not divisible by the patch size 16"),
     (lambda: fk.patch_embed(torch.randn(1, 1, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 5, 8)), "1 channels"),
     (lambda: fk.patch_embed(torch.randn(1, 3, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 4, 8), torch.randn(1, 1, 8)), r"pos_embed must have shape \(1, 5, 8\)"),
