@@ -283,6 +283,40 @@ def test_log_sum_exp_and_its_gradient(device):
     assert results[0][1].dtype == torch.float32
 
 
+def test_lse_gradient_only_when_used(device, monkeypatch):
+    """Missing output gradients are not materialized: the usual backward (out only) gets
+    no lse gradient, and a loss on the lse alone gets no output gradient, still exact."""
+    seen = []
+    backward = tattn.attention_backward
+
+    def spy(grad_out, grad_lse, *args):
+        seen.append(grad_lse is None)
+        return backward(grad_out, grad_lse, *args)
+
+    monkeypatch.setattr(tattn, "attention_backward", spy)
+    q, k, v = (rand(1, 2, 13, 32, device=device, requires_grad=True) for _ in range(3))
+    qkv = rand(1, 13, 3 * 64, device=device, requires_grad=True)
+    torch.autograd.grad(tattn.attention(q, k, v), [q, k, v], rand(1, 2, 13, 32, device=device))
+    torch.autograd.grad(tattn.packed_attention(qkv, 2), [qkv], rand(1, 13, 64, device=device))
+    assert seen == [True, True]
+
+    g_lse = rand(1, 2, 13, device=device)
+    fast = torch.autograd.grad(torch.ops.fastvit_triton.attention(q, k, v, 0.3)[1], [q, k, v], g_lse)
+    fast_packed = torch.autograd.grad(torch.ops.fastvit_triton.packed_attention(qkv, 2, 0.3)[1], [qkv], g_lse)
+    assert seen == [True, True, False, False]
+    hi = upcast(q, k, v)
+    ref = torch.autograd.grad(torch.logsumexp((hi[0] @ hi[1].transpose(-1, -2)) * 0.3, -1), hi[:2],
+                              g_lse.double())
+    qkv_hi = upcast(qkv)[0]
+    qh, kh, _ = _split(qkv_hi, 2)
+    (ref_packed,) = torch.autograd.grad(torch.logsumexp((qh @ kh.transpose(-1, -2)) * 0.3, -1), [qkv_hi],
+                                        g_lse.double())
+    assert torch.equal(fast[2], torch.zeros_like(v))  # v does not reach the lse
+    for name, a, b in (("dq", fast[0], ref[0]), ("dk", fast[1], ref[1]),
+                       ("dqkv", fast_packed[0], ref_packed)):
+        assert_parity(name, a, b)
+
+
 def test_empty_queries(device):
     q = rand(1, 2, 0, 32, device=device, requires_grad=True)
     k = rand(1, 2, 5, 32, device=device, requires_grad=True)
@@ -371,27 +405,42 @@ def test_supports_reasons(device):
         assert "interpreter" in tattn.SUPPORTS["attention"](b, b, b)
 
 
+def test_autotune_filter_follows_device_shared_memory(monkeypatch):
+    """Configs are kept by the device's shared-memory limit (the H100 figure off CUDA)."""
+    conf = tattn.triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    args = {"N_Q": 1024, "N_K": 1024, "BLOCK_D": 128, "Q": torch.empty(1, dtype=torch.float16)}
+    # forward: one 128-row q tile + 3 stages of 64-row k and v tiles, d = 128, fp16: 128 KiB
+    assert tattn._keep(conf, args, "BLOCK_M", 1)
+    monkeypatch.setattr(tattn, "max_shared_mem", lambda device: 128 * 1024)
+    assert not tattn._keep(conf, args, "BLOCK_M", 1)
+    monkeypatch.setattr(tattn, "max_shared_mem", lambda device: 136 * 1024)
+    assert tattn._keep(conf, args, "BLOCK_M", 1)
+
+
 def test_bad_input_raises(device):
+    """Bad input is rejected by the public API before it reaches the kernels (the triton
+    module itself trusts functional.py's validation); kernel limits name the reason."""
     q = rand(1, 2, 8, 32, device=device)
-    with pytest.raises(ValueError, match="expected q"):
-        tattn.attention(q, q[:, :1], q[:, :1])
+    A, P = _Triton.attention, _Triton.packed_attention
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        A(q, q[:, :1], q[:, :, :2])
     with pytest.raises(ValueError, match="4 dimensions"):
-        tattn.attention(q[0], q, q)
+        A(q[0], q, q)
     with pytest.raises(TypeError, match="torch.Tensor"):
-        tattn.attention(q.tolist(), q, q)
+        A(q.tolist(), q, q)
     with pytest.raises(TypeError, match="floating-point"):
-        tattn.attention(q.int(), q.int(), q.int())
-    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
-        tattn.attention(q.double(), q.double(), q.double())
-    with pytest.raises(TypeError, match="share dtype"):
-        tattn.attention(q, q.half(), q)
-    with pytest.raises(ValueError, match="head dim 256"):
-        tattn.attention(*(rand(1, 2, 8, 256, device=device) for _ in range(3)))
+        A(q.int(), q.int(), q.int())
+    with pytest.raises(fk.BackendUnavailableError, match="float32, float16 or bfloat16"):
+        A(q.double(), q.double(), q.double())
+    with pytest.raises(TypeError, match="dtype"):
+        A(q, q.half(), q)
+    with pytest.raises(fk.BackendUnavailableError, match="head dim 256"):
+        A(*(rand(1, 2, 8, 256, device=device) for _ in range(3)))
     with pytest.raises(ValueError, match="scale"):
-        tattn.attention(q, q, q, scale=-1.0)
+        A(q, q, q, scale=-1.0)
     with pytest.raises(ValueError, match="num_heads=5"):
-        tattn.packed_attention(rand(1, 8, 3 * 64, device=device), 5)
+        P(rand(1, 8, 3 * 64, device=device), 5)
     with pytest.raises(ValueError, match="num_heads must be a positive int"):
-        tattn.packed_attention(rand(1, 8, 3 * 64, device=device), 0)
+        P(rand(1, 8, 3 * 64, device=device), 0)
     with pytest.raises(ValueError, match="3 dimensions"):
-        tattn.packed_attention(q, 2)
+        P(q, 2)

@@ -133,6 +133,20 @@ def test_linear_gelu_opcheck(device):
     torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu.default, (x, w, None, "tanh"))
 
 
+def test_linear_gelu_backward_opcheck(device):
+    """The backward ops' fakes are hand-written: check them against the real kernels
+    (a transposed x, so a fake that kept x's strides would be caught)."""
+    x = rand(16, 2, 3, device=device).permute(1, 2, 0)  # (2, 3, 16), not contiguous
+    w, b = rand(24, 16, device=device), rand(24, device=device)
+    grad = rand(2, 3, 24, device=device)
+    _, act_grad = torch.ops.fastvit_triton.linear_gelu_train(x, w, b, "none")
+    torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu_backward.default, (grad, x, w, act_grad))
+    torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu_backward_recompute.default,
+                          (grad, x, w, b, "tanh"))
+    torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu_backward_recompute.default,
+                          (grad, x, w, None, "none"))
+
+
 # ----------------------------------------------------------------------------- patch_embed
 def _patch_inputs(batch, chans, height, width, patch, dim, dtype, device, cls=True, pos_2d=False,
                   channels_last=False, image_grad=True):
@@ -187,6 +201,17 @@ def test_patch_embed_opcheck(device):
     torch.library.opcheck(torch.ops.fastvit_triton.patch_embed.default, tuple(inputs))
 
 
+@pytest.mark.parametrize("channels_last,cls", [(True, True), (False, False)])
+def test_patch_embed_backward_opcheck(channels_last, cls, device):
+    """The hand-written fakes of the gradient ops (image gradient in the images' layout)."""
+    images, weight, *_ = _patch_inputs(2, 3, 8, 16, 8, 16, torch.float32, device, cls=cls,
+                                       channels_last=channels_last, image_grad=False)
+    weight = weight.detach()
+    grad = rand(2, 2 + cls, 16, device=device)
+    torch.library.opcheck(torch.ops.fastvit_triton.patch_embed_weight_grad.default, (grad, images, weight))
+    torch.library.opcheck(torch.ops.fastvit_triton.patch_embed_images_grad.default, (grad, weight, images))
+
+
 # ------------------------------------------------------------------------- errors, dispatch
 def test_bad_input_is_rejected_before_any_kernel(device):
     images, weight, bias, pos, cls = _patch_inputs(1, 3, 16, 16, 8, 16, torch.float32, device)
@@ -217,6 +242,22 @@ def test_dispatch_and_supports(device):
             fk.linear_gelu(xb, wb, None)
 
 
+def test_configs_are_pruned_by_the_devices_shared_memory(monkeypatch):
+    """The shared-memory filter reads the device's limit (the H100 figure off CUDA)."""
+    def smem(c, size):
+        return (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * size * c.num_stages
+
+    configs = tg._gpu_configs()
+    a = torch.empty(1, dtype=torch.float32)
+    assert tg.max_shared_mem(a.device) == 227 * 1024
+    h100 = tg._prune(configs, {"a_ptr": a})
+    assert all(smem(c, 4) <= 200 * 1024 for c in h100) and len(h100) < len(configs)
+    monkeypatch.setattr(tg, "max_shared_mem", lambda device: 160 * 1024)
+    small = tg._prune(configs, {"a_ptr": a})
+    assert len(small) == 3 and all(smem(c, 4) <= 160 * 1024 - tg._SMEM_MARGIN for c in small)
+    assert len(small) < len(h100)
+
+
 # ------------------------------------------------------------------------------- GPU only
 @pytest.mark.cuda
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -240,15 +281,32 @@ def test_split_k_backward_cuda(device):
     _check("linear_gelu", _fk_linear_gelu, reference.linear_gelu, inputs, torch.float16)
 
 
-@pytest.mark.cuda
-def test_compile_fullgraph_cuda(device):
-    x, w, b = _linear_inputs((2, 197, 64), 128, torch.float16, device)
-    pe = _patch_inputs(2, 3, 32, 32, 16, 64, torch.float16, device)
+def test_compile_fullgraph(device):
+    """linear_gelu and patch_embed (forward and backward) trace without graph breaks and
+    compute what eager does. CPU: aot_eager (inductor cannot lower an interpreted kernel);
+    CUDA: inductor, fp16, at ViT-like sizes."""
+    if device.type == "cuda":
+        dtype, backend = torch.float16, "inductor"
+        lin = _linear_inputs((2, 197, 64), 128, dtype, device)
+        pe = _patch_inputs(2, 3, 32, 32, 16, 64, dtype, device, channels_last=True)
+    else:
+        dtype, backend = torch.float32, "aot_eager"
+        lin = _linear_inputs((2, 5, 24), 40, dtype, device)
+        pe = _patch_inputs(2, 3, 16, 16, 8, 24, dtype, device, channels_last=True)
 
     def fn(x, w, b, *pe_args):
-        return fk.linear_gelu(x, w, b).sum() + fk.patch_embed(*pe_args).sum()
+        return fk.linear_gelu(x, w, b, "tanh"), fk.patch_embed(*pe_args)
 
-    compiled = torch.compile(fn, fullgraph=True)
+    leaves = _wrt([*lin, *pe])
     with fk.backend("triton"):
-        compiled(x, w, b, *pe).backward()
-    assert x.grad is not None and pe[0].grad is not None
+        expected = fn(*lin, *pe)
+        out = torch.compile(fn, fullgraph=True, backend=backend)(*lin, *pe)
+    grads_out = [torch.randn_like(t) for t in expected]
+    ref_grads = torch.autograd.grad(expected, leaves, grads_out)
+    grads = torch.autograd.grad(out, leaves, grads_out)
+    assert len(grads) == 8
+    for name, a, e in zip(("linear_gelu", "patch_embed"), out, expected):
+        assert a.dtype == dtype, name
+        torch.testing.assert_close(a, e, msg=lambda m, name=name: f"{name}: {m}")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        torch.testing.assert_close(g, r, msg=lambda m, i=i: f"grad {i}: {m}")

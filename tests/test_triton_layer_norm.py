@@ -120,15 +120,20 @@ def test_layouts_and_launch_settings(device):
     against the fp64 reference."""
     width = 48
     base = rand(4, 6, 5, width, device=device, mean=2.0, std=3.0)
-    cases = {
-        "sliced": base[:, ::2, 1],                                # rows with a gap
-        "broadcast": rand(1, 5, width, device=device, mean=1.0).expand(3, 5, width),  # stride 0
-        "three_strides": base.permute(2, 0, 1, 3)[:, ::2],        # copied
-        "one_dim": rand(width, device=device, mean=-2.0, std=0.1),
+    cases = {  # name: (x, whether _rows must copy it)
+        "sliced": (base[:, ::2, 1], False),                       # rows with a gap
+        "broadcast": (rand(1, 5, width, device=device, mean=1.0).expand(3, 5, width), False),  # stride 0
+        "two_strides": (base.transpose(0, 1)[:, :, 0], False),    # (6, 4) rows, strides 240, 1440
+        "three_strides": (base.permute(2, 0, 1, 3)[:, ::2], True),  # strides 48, 2880, 240
+        "one_dim": (rand(width, device=device, mean=-2.0, std=0.1), False),
     }
     w = rand(width, device=device, mean=1.0, std=0.5)
     b = rand(width, device=device, std=0.5)
-    for name, x in cases.items():
+    for name, (x, copied) in cases.items():
+        rows = tln._rows(x)
+        assert (rows[0].data_ptr() != x.data_ptr()) == copied, f"{name}: copied is {not copied}"
+        if name == "two_strides":  # in place through both row strides
+            assert rows[1:] == (4, 240, 1440), rows[1:]
         # the residual's last dimension is strided: the one layout that is copied
         residual = rand(*reversed(x.shape), device=device).permute(*reversed(range(x.dim())))
         dy = rand(*x.shape, device=device)

@@ -32,4 +32,3 @@ for _op, (_module, _fn) in _OP_MODULES.items():
     OPS[_op] = getattr(_mod, _fn)
     if hasattr(_mod, "SUPPORTS") and _op in _mod.SUPPORTS:
         SUPPORTS[_op] = _mod.SUPPORTS[_op]
-UNAVAILABLE_REASON = "no triton ops are implemented yet"

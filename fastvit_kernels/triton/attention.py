@@ -35,13 +35,13 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import INTERPRET, dtype_unsupported, max_shared_mem
+
 LOG2E = 1.4426950408889634
 # Kernels work in base 2 (exp2 / log2) and convert the saved log-sum-exp to and from base e.
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 128
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------- jitted helpers
@@ -375,10 +375,14 @@ def _attn_bwd_dq(
 def _configs(candidates, interpret_config):
     """Autotune candidates as (BLOCK_M, BLOCK_N, num_warps, num_stages); under the
     interpreter one fixed config (nothing to tune, and every launch costs seconds)."""
-    if _INTERPRET:
+    if INTERPRET:
         candidates = [interpret_config]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in candidates]
+
+
+# Shared memory kept free below the device's limit for what the estimate in _keep leaves out.
+_SMEM_MARGIN = 7 * 1024
 
 
 def _keep(conf, args, owned: str, owned_tiles: int) -> bool:
@@ -390,11 +394,11 @@ def _keep(conf, args, owned: str, owned_tiles: int) -> bool:
     # A per-program tile far longer than the sequence is mostly padding.
     if owned_rows > max(64, triton.next_power_of_2(n_owned)):
         return False
-    # Shared memory (227 KiB on H100): the owned tiles (q; or k and v / q and dO in the
-    # backward) plus `stages` copies of the two streamed tiles. This matches what the
-    # compiler allocates to within a few hundred bytes.
+    # Shared memory (the device's limit, 227 KiB on H100, less a 7 KiB margin): the owned
+    # tiles (q; or k and v / q and dO in the backward) plus `stages` copies of the two
+    # streamed tiles. This matches what the compiler allocates to within a few hundred bytes.
     smem = (owned_tiles * owned_rows + 2 * streamed * stages) * args["BLOCK_D"] * args["Q"].element_size()
-    return smem <= 220 * 1024
+    return smem <= max_shared_mem(args["Q"].device) - _SMEM_MARGIN
 
 
 def _prune(owned, owned_tiles):
@@ -571,11 +575,14 @@ def _attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
+    # An unused output's gradient arrives as None instead of a zero tensor: the lse
+    # output usually has none, and then the backward skips it without allocating.
+    ctx.set_materialize_grads(False)
 
 
 def _attention_autograd(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    if grad_out is None:
+    if grad_out is None:  # only the lse output was used
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, ctx.scale)
     return dq, dk, dv, None
@@ -625,11 +632,12 @@ def _packed_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(qkv, out, lse)
     ctx.num_heads, ctx.scale = num_heads, scale
+    ctx.set_materialize_grads(False)  # as for attention: no zero tensor for a missing grad
 
 
 def _packed_autograd(ctx, grad_out, grad_lse):
     qkv, out, lse = ctx.saved_tensors
-    if grad_out is None:
+    if grad_out is None:  # only the lse output was used
         grad_out = torch.zeros_like(out)
     dqkv = _packed_attention_backward_op(grad_out, grad_lse, qkv, out, lse, ctx.num_heads, ctx.scale)
     return dqkv, None, None
@@ -639,14 +647,12 @@ _packed_attention_op.register_autograd(_packed_autograd, setup_context=_packed_s
 
 
 # ------------------------------------------------------------------------ public entry points
-def _unsupported(head_dim: int, dtype: torch.dtype, device: torch.device, n_q: int, n_k: int,
-                 programs: int) -> str | None:
-    if device.type != "cuda" and not _INTERPRET:
-        return f"the kernels run on CUDA tensors (or any under TRITON_INTERPRET=1), got {device.type}"
-    if dtype not in DTYPES:
-        return f"dtype {dtype} is not supported (expected float32, float16 or bfloat16)"
-    if dtype == torch.bfloat16 and _INTERPRET:
-        return "bfloat16 tl.dot is not supported by the Triton interpreter (TRITON_INTERPRET=1)"
+# functional.py has validated the arguments (ranks, shapes, one dtype and device, num_heads,
+# scale) and _dispatch has checked the device; what is left are the kernels' own limits.
+def _unsupported(head_dim: int, dtype: torch.dtype, n_q: int, n_k: int, programs: int) -> str | None:
+    reason = dtype_unsupported(dtype)
+    if reason:
+        return reason
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         return (f"head dim {head_dim} is not supported "
                 f"(expected 1 to {MAX_HEAD_DIM}, e.g. 32, 64, 80, 96, 128)")
@@ -660,68 +666,36 @@ def _unsupported(head_dim: int, dtype: torch.dtype, device: torch.device, n_q: i
 def attention_unsupported(q, k, v, scale=None) -> str | None:
     """Why the kernels cannot run attention(q, k, v), or None if they can."""
     batch, heads, n_q, head_dim = q.shape
-    return _unsupported(head_dim, q.dtype, q.device, n_q, k.shape[2], batch * heads * triton.cdiv(n_q, 32))
+    return _unsupported(head_dim, q.dtype, n_q, k.shape[2], batch * heads * triton.cdiv(n_q, 32))
 
 
 def packed_attention_unsupported(qkv, num_heads, scale=None) -> str | None:
     """Why the kernels cannot run packed_attention(qkv, num_heads), or None if they can."""
     batch, tokens, width = qkv.shape
-    return _unsupported(width // (3 * num_heads), qkv.dtype, qkv.device, tokens, tokens,
+    return _unsupported(width // (3 * num_heads), qkv.dtype, tokens, tokens,
                         batch * num_heads * triton.cdiv(tokens, 32))
-
-
-def _check(name: str, t, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-
-
-def _scale(scale, head_dim: int) -> float:
-    if scale is None:
-        return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
-    return float(scale)
 
 
 def attention(q, k, v, scale=None):
     """softmax(q k^T * scale) v on (B, H, Nq, d) q and (B, H, Nk, d) k, v; differentiable.
 
-    Strided views are read in place (a strided last dimension is copied once). Returns a
-    contiguous (B, H, Nq, d) tensor.
+    Arguments as validated by ``fastvit_kernels.attention`` and accepted by
+    ``attention_unsupported``. Strided views are read in place (a strided last dimension
+    is copied once). Returns a contiguous (B, H, Nq, d) tensor.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(name, t, 4)
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"expected q (B, H, Nq, d) and k, v (B, H, Nk, d), got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise TypeError(f"q, k, v must share dtype and device, got {q.dtype}/{q.device}, "
-                        f"{k.dtype}/{k.device}, {v.dtype}/{v.device}")
-    reason = attention_unsupported(q, k, v)
-    if reason:
-        raise ValueError(reason)
-    scale = _scale(scale, q.shape[-1])
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # Copying here (not only inside the op) lets autograd route gradients through the copy.
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     return _attention_op(q, k, v, scale)[0]
 
 
 def packed_attention(qkv, num_heads, scale=None):
-    """Attention on the qkv Linear's (B, N, 3*D) output laid out (B, N, 3, H, d) -> (B, N, D)."""
-    _check("qkv", qkv, 3)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    if qkv.shape[-1] % (3 * num_heads):
-        raise ValueError(f"qkv's last dimension {qkv.shape[-1]} must be 3 * num_heads * head_dim "
-                         f"with num_heads={num_heads}")
-    reason = packed_attention_unsupported(qkv, num_heads)
-    if reason:
-        raise ValueError(reason)
-    scale = _scale(scale, qkv.shape[-1] // (3 * num_heads))
+    """Attention on the qkv Linear's (B, N, 3*D) output laid out (B, N, 3, H, d) -> (B, N, D).
+
+    Arguments as validated by ``fastvit_kernels.packed_attention`` and accepted by
+    ``packed_attention_unsupported``.
+    """
+    scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5 if scale is None else float(scale)
     return _packed_attention_op(_unit_last_stride(qkv), num_heads, scale)[0]
 
 

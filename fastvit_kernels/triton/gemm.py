@@ -34,19 +34,17 @@ tuned config), with one config under the interpreter.
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRET, max_shared_mem, sm_count
+
 LIN, SPLIT, PATCH, KERN = 0, 1, 2, 3
 ACT_NONE, ACT_ERF, ACT_TANH = 0, 1, 2
 ACTIVATIONS = {"none": ACT_ERF, "tanh": ACT_TANH}  # GELU's `approximate` -> ACT code
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -56,7 +54,7 @@ def _device(fn):
     There every call of a nested jit function re-patches all of triton.language
     (~10 ms a call); the plain function runs the same code inside the patched kernel.
     """
-    return fn if _INTERPRET else triton.jit(fn)
+    return fn if INTERPRET else triton.jit(fn)
 
 
 @_device
@@ -266,17 +264,22 @@ def _gpu_configs():
 # interpreter's cost grows with the number of operations, hardly with their size.
 _CONFIGS = ([triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4},
                            num_stages=1, num_warps=4)]
-            if _INTERPRET else _gpu_configs())
+            if INTERPRET else _gpu_configs())
 
-_SMEM_BUDGET = 200 * 1024  # bytes; H100 / H200 allow 227 KiB per block
+# Shared memory the estimate below leaves to the compiler (epilogue layout conversions
+# and barriers): 27 KiB, i.e. a 200 KiB budget on H100 / H200's 227 KiB.
+_SMEM_MARGIN = 27 * 1024
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose pipelined tiles cannot fit in shared memory (fp32 operands)."""
-    size = named_args["a_ptr"].element_size()
+    """Drop configs whose pipelined tiles cannot fit in the device's shared memory
+    (fp32 operands need twice the 16-bit ones)."""
+    a = named_args["a_ptr"]
+    budget = max_shared_mem(a.device) - _SMEM_MARGIN
+    size = a.element_size()
     kept = [c for c in configs
             if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * size * c.num_stages
-            <= _SMEM_BUDGET]
+            <= budget]
     return kept or configs[-1:]
 
 
@@ -340,11 +343,6 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def choose_splits(m: int, n: int, k: int, device: torch.device) -> int:
     """Split-K factor for a GEMM with few output tiles and a long K (weight gradients).
 
@@ -353,7 +351,7 @@ def choose_splits(m: int, n: int, k: int, device: torch.device) -> int:
     """
     if device.type != "cuda":
         return 1
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     tiles = triton.cdiv(m, 128) * triton.cdiv(n, 128)
     best, best_cost = 1, float("inf")
     for s in range(1, 17):

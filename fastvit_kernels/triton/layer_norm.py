@@ -35,18 +35,18 @@ autograd, so ``torch.compile(fullgraph=True)`` traces them.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import DTYPES, dtype_unsupported, sm_count
+
 # One row must fit in one block (registers); wider rows fall back to another backend.
 MAX_WIDTH = 65536
 # Programs per launch: a safe size for any grid dimension; more rows loop inside.
 MAX_PROGRAMS = 65535
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -181,16 +181,11 @@ def launch_settings(n_cols: int, n_rows: int, device: torch.device) -> tuple[int
     return block, rows, min(16, max(2, rows * block // 256))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def backward_groups(device: torch.device) -> int:
     """Programs (= dweight/dbias partial rows) in the backward: a few per SM, enough to
     fill an H100 (132 SMs -> 528) while the partial buffer stays small."""
     if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return 4 * sm_count(device)
     return 4  # the interpreter runs programs one after another: fewer is faster
 
 
@@ -224,7 +219,7 @@ def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 def _check(x: torch.Tensor, *others: Optional[torch.Tensor]) -> None:
     """Internal invariants; the public ops in functional.py validate user input."""
-    assert x.dtype in _DTYPES, x.dtype
+    assert x.dtype in DTYPES, x.dtype
     assert 0 < x.shape[-1] <= MAX_WIDTH, x.shape
     for t in others:
         assert t is None or (t.dtype == x.dtype and t.device == x.device), (t.dtype, t.device)
@@ -408,8 +403,9 @@ def _unsupported(x=None, *_args, **_kwargs) -> Optional[str]:
     """Why this backend cannot run a call with input ``x`` (None when it can)."""
     if x is None:
         return None
-    if x.dtype not in _DTYPES:
-        return f"dtype {x.dtype} is not supported (expected float32, float16 or bfloat16)"
+    reason = dtype_unsupported(x.dtype, uses_dot=False)
+    if reason:
+        return reason
     if x.dim() == 0 or not 0 < x.shape[-1] <= MAX_WIDTH:
         width = x.shape[-1] if x.dim() else "a scalar"
         return f"the normalized width must be 1..{MAX_WIDTH}, got {width}"

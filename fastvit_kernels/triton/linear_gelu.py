@@ -20,9 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .gemm import _INTERPRET, ACTIVATIONS, gemm, gemm_split_sum, matrix
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._common import dot_op_unsupported
+from .gemm import ACTIVATIONS, gemm, gemm_split_sum, matrix
 
 
 # --------------------------------------------------------------------------- launchers
@@ -163,12 +162,4 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None, approximate: str
     return torch.ops.fastvit_triton.linear_gelu(x, weight, bias, approximate)
 
 
-def _supports(x, weight, bias, approximate="none"):
-    if x.dtype not in _DTYPES:
-        return f"dtype {x.dtype} is not supported (float32, float16, bfloat16)"
-    if x.dtype == torch.bfloat16 and _INTERPRET:
-        return "bfloat16 tl.dot is not supported by the Triton interpreter"
-    return None
-
-
-SUPPORTS = {"linear_gelu": _supports}
+SUPPORTS = {"linear_gelu": dot_op_unsupported}

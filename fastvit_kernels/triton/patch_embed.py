@@ -23,9 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .gemm import _INTERPRET, Geometry, gemm, gemm_split_sum, matrix, patches, token_rows
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._common import dot_op_unsupported
+from .gemm import Geometry, gemm, gemm_split_sum, matrix, patches, token_rows
 
 
 # --------------------------------------------------------------------------- launchers
@@ -137,12 +136,4 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: 
     return torch.ops.fastvit_triton.patch_embed(images, weight, bias, pos_embed, cls_token)
 
 
-def _supports(images, weight, bias, pos_embed, cls_token=None):
-    if images.dtype not in _DTYPES:
-        return f"dtype {images.dtype} is not supported (float32, float16, bfloat16)"
-    if images.dtype == torch.bfloat16 and _INTERPRET:
-        return "bfloat16 tl.dot is not supported by the Triton interpreter"
-    return None
-
-
-SUPPORTS = {"patch_embed": _supports}
+SUPPORTS = {"patch_embed": dot_op_unsupported}
