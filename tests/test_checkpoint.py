@@ -161,3 +161,21 @@ def test_unknown_hf_keys_raise():
                                  "vit.something.else": torch.zeros(1)})
     with pytest.raises(ValueError, match="cannot tell the layout"):
         ckpt.convert_state_dict({"foo.bar": torch.zeros(1)})
+
+
+def test_create_model_with_hf_snapshot_uses_the_snapshot_config(tmp_path):
+    """The snapshot's config.json wins over the preset's: eps 1e-12, its labels and sizes."""
+    hf = _hf_model(num_labels=7)
+    hf.save_pretrained(tmp_path)
+    preset = vit.get_config("vit_tiny_patch16_224")
+    assert preset.norm_eps != 1e-12 and preset.num_classes != 7
+    ours = vit.create_model("vit_tiny_patch16_224", pretrained=tmp_path).eval()
+    assert ours.config.norm_eps == 1e-12 and ours.config.num_classes == 7 and ours.config.embed_dim == 64
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (ours(x) - hf(pixel_values=x).logits).abs().max().item() <= 1e-4
+    # overrides still apply on top of the snapshot's config, and the preset name is checked
+    tuned = vit.create_model("vit_tiny_patch16_224", pretrained=tmp_path, drop_path_rate=0.1)
+    assert tuned.config.drop_path_rate == 0.1 and tuned.config.norm_eps == 1e-12
+    with pytest.raises((KeyError, ValueError), match="vit_nonexistent"):
+        vit.create_model("vit_nonexistent", pretrained=tmp_path)

@@ -71,10 +71,7 @@ def test_bench_tiny_model_end_to_end(tmp_path, device):
     rows = {r["provider"]: r for r in results["results"]}
     assert list(rows) == ["eager", "hf", "fast-torch"]
     for name, row in rows.items():
-        if row["status"] == "unavailable":  # hf without transformers, fast-torch before vit.fast
-            assert row["reason"] and row["inference"] is None
-            continue
-        assert row["status"] == "ok", row
+        assert row["status"] == "ok", row  # transformers and vit.fast are always installed
         inf = row["inference"]
         assert inf["steps"] == 2 and len(inf["times_s"]) == 2 and all(t > 0 for t in inf["times_s"])
         assert inf["img_per_s"] == pytest.approx(2 / inf["median_s"])
@@ -235,12 +232,3 @@ def test_train_passes_every_argument_through(monkeypatch):
     assert cli.main(["train", *argv]) == 7
     assert seen == [argv]
 
-
-def test_train_without_vit_train_says_so(monkeypatch):
-    monkeypatch.setitem(sys.modules, "vit.train", None)  # import of vit.train fails
-    err = io.StringIO()
-    try:
-        code = cli.main(["train", "--steps", "1"], stderr=err)
-    except ImportError:
-        pytest.fail("a missing vit.train must give a clear error, not a traceback")
-    assert code == 2 and "vit/train.py" in err.getvalue()

@@ -148,10 +148,6 @@ def test_our_checkpoint_default_preprocessing_and_metadata_labels(tmp_path, samp
 
 
 def test_predict_with_the_fast_model(hf_snapshot, sample_images):
-    try:
-        vit.factory.model_class(True)
-    except NotImplementedError:
-        pytest.skip("vit.fast is not available yet")
     snap, _, _ = hf_snapshot
     code, fast_out, err = _run(["predict", str(sample_images[0]), "--pretrained", str(snap), "--fast",
                                 "--device", "cpu"])
@@ -194,8 +190,12 @@ def test_hf_preprocessor_variants():
 def test_bad_arguments_are_clear(tmp_path, sample_images):
     with pytest.raises(ValueError, match="resize must be"):
         Preprocess(resize=0, crop=None)
-    with pytest.raises(ValueError, match="mean must have 3 values"):
+    with pytest.raises(ValueError, match=r"mean must have 3 values \(RGB\) or 1 \(gray\)"):
+        Preprocess(resize=8, crop=None, mean=(0.5, 0.5))
+    with pytest.raises(ValueError, match="mean and std must have as many values"):
         Preprocess(resize=8, crop=None, mean=(0.5,))
+    with pytest.raises(ValueError, match="in_chans=2"):
+        default_preprocess((16, 16), in_chans=2)
     with pytest.raises(ValueError, match="interpolation must be one of"):
         Preprocess(resize=8, crop=None, interpolation="fancy")
     with pytest.raises(TypeError, match="expected a PIL.Image.Image"):
@@ -206,3 +206,72 @@ def test_bad_arguments_are_clear(tmp_path, sample_images):
     assert code == 2 and "no checkpoint at" in err
     code, _, err = _run(["predict", str(sample_images[0]), "--pretrained", str(tmp_path), "--topk", "0"])
     assert code == 2 and "--topk must be a positive integer, got 0" in err
+
+
+def _train(out: Path, *args: str) -> Path:
+    from vit import train
+
+    assert train.main(["--out", str(out), "--threads", "1", "--progress", "none", "--no-fast", "--steps", "2",
+                       "--batch-size", "8", "--eval-every", "0", "--ckpt-every", "0", *args]) == 0
+    return out / "model.safetensors"
+
+
+def test_predict_with_a_trained_gray_digits_model(tmp_path, sample_images):
+    """`fastvit train`'s default model (vit_digits: 1 channel, 16x16) -> predict: digit names, 5 rows."""
+    weights = _train(tmp_path / "run")
+    assert vit.factory.read_config(weights).in_chans == 1
+    assert json.loads(ckpt.load_metadata(weights)["id2label"]) == {str(i): str(i) for i in range(10)}
+    _, preprocess, labels = vp.load_classifier(weights, device="cpu")
+    assert (preprocess.channels, preprocess.crop) == (1, (16, 16)) and labels == [str(i) for i in range(10)]
+    code, out, err = _run(["predict", str(sample_images[0]), "--pretrained", str(weights), "--device", "cpu"])
+    assert code == 0, err
+    rows = _blocks(out)["china.jpg"]
+    assert len(rows) == 5, out
+    assert all(r.split("%", 1)[1].strip() in labels for r in rows), rows
+
+
+def test_predict_shows_image_folder_class_names_and_at_most_num_classes_rows(tmp_path, sample_images):
+    names = ["cat", "dog"]
+    for name in names:
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = np.random.randint(0, 256, (20 + i, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / name / f"{i}.png")
+    weights = _train(tmp_path / "run", "--data", str(tmp_path / "images"), "--set", "in_chans=3",
+                     "--workers", "0", "--batch-size", "4")
+    code, out, err = _run(["predict", str(sample_images[1]), "--pretrained", str(weights), "--device", "cpu"])
+    assert code == 0, err
+    rows = _blocks(out)["flower.jpg"]
+    assert len(rows) == 2, out  # top-5 of a 2-class model: min(5, num_classes) rows
+    assert sorted(r.split("%", 1)[1].strip().split(" (")[0] for r in rows) == names
+
+
+def test_gray_preprocess_matches_its_definition(sample_images):
+    """One channel: gray image, shorter side to floor(16 / 0.875), bicubic, center crop, channel-mean stats."""
+    recipe = default_preprocess((16, 16), in_chans=1)
+    image = load_image(sample_images[0])
+    x = recipe(image)
+    assert x.shape == (1, 16, 16) and x.dtype == torch.float32 and recipe.resize == 18
+    gray = image.convert("L")
+    assert gray.height < gray.width
+    resized = gray.resize((int(18 * gray.width / gray.height), 18), Image.Resampling.BICUBIC)
+    top, left = round((resized.height - 16) / 2), round((resized.width - 16) / 2)
+    expected = np.asarray(resized.crop((left, top, left + 16, top + 16)), np.float32) / 255
+    expected = (expected - sum(IMAGENET_MEAN) / 3) / (sum(IMAGENET_STD) / 3)
+    torch.testing.assert_close(x[0], torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_predict_device_and_pillow_errors_are_clear(tmp_path, sample_images, monkeypatch):
+    cfg = vit.get_config("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=1, num_classes=3)
+    path = tmp_path / "tiny.safetensors"
+    ckpt.save(vit.ViT(cfg), path, config=cfg)
+    for device, message in [("tpu", "--device must be cpu, cuda or cuda:N"), ("nonsense", "--device must be")]:
+        code, _, err = _run(["predict", str(sample_images[0]), "--pretrained", str(path), "--device", device])
+        assert code == 2 and message in err and "Traceback" not in err, err
+    if not torch.cuda.is_available():
+        code, _, err = _run(["predict", str(sample_images[0]), "--pretrained", str(path), "--device", "cuda"])
+        assert code == 2 and "CUDA is not available" in err, err
+    import sys
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)  # as if Pillow were not installed
+    code, _, err = _run(["predict", str(sample_images[0]), "--pretrained", str(path), "--device", "cpu"])
+    assert code == 2 and "pip install pillow" in err, err

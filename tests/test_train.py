@@ -63,14 +63,6 @@ def subprocess_train(*args: str, extra_env: dict | None = None, torchrun: int = 
                           capture_output=True, text=True, timeout=timeout)
 
 
-def fast_available() -> str | None:
-    try:
-        vit.factory.model_class(True)
-    except NotImplementedError as exc:
-        return str(exc)
-    return None
-
-
 def digits_accuracy(weights: Path) -> float:
     """Top-1 of the saved weights on the digits test split, computed independently of train.py."""
     model = vit.from_pretrained(weights).eval()
@@ -112,9 +104,6 @@ def test_bf16_autocast_converges_on_digits(tmp_path):
 # --------------------------------------------------------------------------------- parity
 
 def test_fast_and_reference_loss_curves_agree(tmp_path):
-    reason = fast_available()
-    if reason:
-        pytest.skip(f"vit.fast is not available: {reason}")
     args = ["--steps", "50", "--log-every", "1", "--eval-every", "0", "--ckpt-every", "0", "--batch-size", "32"]
     assert run(tmp_path / "fast", "--fast", *args) == 0
     assert run(tmp_path / "ref", "--no-fast", *args) == 0
@@ -268,6 +257,38 @@ def test_empty_dataset_directory_is_reported(tmp_path, capsys):
     assert "neither 'digits'" in capsys.readouterr().err
 
 
+def test_configuration_and_data_errors_are_clean(tmp_path, capsys, monkeypatch):
+    assert run(tmp_path / "out", "--set", "in_chans=2", "--steps", "2") == 1
+    err = capsys.readouterr().err
+    assert "in_chans=2" in err and "Traceback" not in err, err
+    (tmp_path / "file.txt").write_text("not a folder")
+    assert run(tmp_path / "out", "--data", str(tmp_path / "file.txt"), "--steps", "2") == 1
+    assert "not a directory" in capsys.readouterr().err
+    assert run(tmp_path / "out", "--num-classes", "7", "--steps", "2") == 1  # digits has 10
+    err = capsys.readouterr().err
+    assert "--num-classes 7" in err and "10 classes" in err, err
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if scikit-learn were not installed
+    assert run(tmp_path / "out", "--steps", "2") == 1
+    assert "pip install scikit-learn" in capsys.readouterr().err
+
+
+def test_latest_naming_a_missing_directory_falls_back_to_the_newest_complete_one(tmp_path, capsys):
+    root = tmp_path / "checkpoints"
+    for name in ("step_00000002", "step_00000004", "step_00000006"):
+        (root / name).mkdir(parents=True)
+        if name != "step_00000006":  # 6 is incomplete (no training state)
+            (root / name / train.STATE_FILE).write_bytes(b"x")
+    (root / "latest").write_text("step_00000008\n")
+    assert train.find_checkpoint(tmp_path) == root / "step_00000004"
+    assert "step_00000008" in capsys.readouterr().err
+    (root / "latest").write_text("step_00000004\n")
+    assert train.find_checkpoint(tmp_path) == root / "step_00000004"
+    for name in ("step_00000002", "step_00000004"):
+        (root / name / train.STATE_FILE).unlink()
+    with pytest.raises(train.TrainError, match="no other complete checkpoint"):
+        train.find_checkpoint(tmp_path)
+
+
 @pytest.mark.parametrize("amp", ["none", "fp16"])
 def test_non_finite_loss_skips_steps_then_stops(tmp_path, capsys, amp):
     base, overrides = train.TRAIN_PRESETS["vit_digits"]
@@ -314,6 +335,24 @@ def test_image_folder_training_with_workers(tmp_path):
     assert 0.0 <= result["eval_acc"] <= 1.0
 
 
+def test_image_folder_resume_with_dropout_is_exact_with_the_fast_model(tmp_path):
+    """DataLoaders must not draw from the global RNG: a resume creates its loaders at another
+    point of the dropout stream than the uninterrupted run did. Default (fast) model."""
+    _write_images(tmp_path / "images", classes=2, per_class=6)
+    args = ["--data", str(tmp_path / "images"), "--set", "in_chans=3", "--set", "drop_path_rate=0.2",
+            "--set", "drop_rate=0.2", "--steps", "4", "--batch-size", "2", "--workers", "0",
+            "--ckpt-every", "2", "--eval-every", "2", "--log-every", "1", "--val-fraction", "0.2"]
+    assert run(tmp_path / "full", *args) == 0
+    assert summary(tmp_path / "full")["fast"] is True
+    assert run(tmp_path / "resumed", "--resume", str(tmp_path / "full" / "checkpoints" / "step_00000002")) == 0
+    full = ckpt.load(tmp_path / "full" / "model.safetensors")
+    resumed = ckpt.load(tmp_path / "resumed" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    assert not [k for k in full if not torch.equal(full[k], resumed[k])]  # step 2 is mid-epoch (5 per epoch)
+    labels = json.loads(ckpt.load_metadata(tmp_path / "full" / "model.safetensors")["id2label"])
+    assert labels == {"0": "class0", "1": "class1"}
+
+
 def test_image_transforms_shapes_and_determinism():
     image = torch.rand(3, 37, 53)
     box = vdata.random_resized_crop_box(37, 53, torch.Generator().manual_seed(1))
@@ -322,7 +361,21 @@ def test_image_transforms_shapes_and_determinism():
     a = vdata.train_transform(image, (16, 16), torch.Generator().manual_seed(5))
     b = vdata.train_transform(image, (16, 16), torch.Generator().manual_seed(5))
     assert a.shape == (3, 16, 16) and torch.equal(a, b)
-    assert vdata.eval_transform(image, (16, 16)).shape == (3, 16, 16)
+
+
+
+def test_image_folder_eval_is_the_predict_recipe(tmp_path):
+    """The eval split is preprocessed exactly as ``fastvit predict`` preprocesses a file."""
+    from vit.preprocess import default_preprocess, load_image
+
+    _write_images(tmp_path / "images", classes=2, per_class=3)
+    for in_chans in (1, 3):
+        _, held_out = vdata.load_image_folder(tmp_path / "images", in_chans, (16, 16), val_fraction=0.4)
+        path, label = held_out.samples[0]
+        image, got_label = held_out[0]
+        expected = default_preprocess((16, 16), in_chans=in_chans)(load_image(path))
+        assert image.shape == (in_chans, 16, 16) and got_label == label
+        assert torch.equal(image, expected)
 
 
 def test_batches_shard_one_global_batch():

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from . import providers as registry
+from ._io import atomic_write_text
+from .progress import Progress
 from .config import ViTConfig, get_config
 from .model import ViT, count_flops
 
@@ -121,41 +123,6 @@ def make_settings(*, model: str | None = None, device: str | None = None, dtype:
         providers = ["eager"] + [p for p in dict.fromkeys(providers) if p != "eager"]
     return Settings(model, config, dev, dtype, batch_size, steps, warmup, bool(train), providers,
                     Path(out) if out is not None else None, seed)
-
-
-# ------------------------------------------------------------------------ progress bar
-class Progress:
-    """A one-line text progress bar on ``stream``, redrawn in place on a terminal.
-
-    Elsewhere (logs, CI) only the finished line is written.
-    """
-
-    def __init__(self, label: str, total: int, stream=None, width: int = 24):
-        self.label, self.total, self.width = label, max(total, 1), width
-        self.stream = stream or sys.stderr
-        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.done = 0
-        self.start = time.perf_counter()
-        self._draw()
-
-    def update(self, n: int = 1) -> None:
-        self.done = min(self.done + n, self.total)
-        self._draw()
-
-    def _line(self) -> str:
-        filled = self.width * self.done // self.total
-        elapsed = time.perf_counter() - self.start
-        return (f"  {self.label:<24s} [{'#' * filled}{'.' * (self.width - filled)}] "
-                f"{self.done}/{self.total} {elapsed:6.1f}s")
-
-    def _draw(self) -> None:
-        if self.live:
-            self.stream.write("\r" + self._line())
-            self.stream.flush()
-
-    def close(self, note: str = "") -> None:
-        self.stream.write(("\r" if self.live else "") + self._line() + f"  {note}\n")
-        self.stream.flush()
 
 
 # ----------------------------------------------------------------------------- memory
@@ -408,7 +375,8 @@ def train_step(module, images, labels, dtype, context):
 def time_steps(step, device: torch.device, *, warmup: int, steps: int | None, label: str,
                target_s: float, memory: PeakMemory | None = None, stream=None) -> dict:
     """Run ``warmup`` untimed steps, then time ``steps`` (or enough for ``target_s``)."""
-    progress = Progress(label, warmup + (steps or MIN_STEPS), stream)
+    # on a terminal a bar redrawn in place; elsewhere (logs, CI) only the finished line
+    progress = Progress(warmup + (steps or MIN_STEPS), label=label, stream=stream)
     warm_start = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -700,10 +668,7 @@ def plot(results: dict, path: Path) -> bool:
 def write(results: dict, out: Path) -> list[Path]:
     """results.json (+ results.png with matplotlib) under ``out``; returns what was written."""
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "results.json"]
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    os.replace(tmp, written[0])
+    written = [atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")]
     if plot(results, out / "results.png"):
         written.append(out / "results.png")
     return written

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ._io import atomic_write
 
 CONFIG_METADATA_KEY = "fastvit_config"
 
@@ -178,9 +179,7 @@ def save(state_dict, path, config=None, metadata: dict | None = None) -> None:
     if config is not None:
         meta[CONFIG_METADATA_KEY] = json.dumps(config if isinstance(config, dict) else config.to_dict())
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # never half-written
 
 
 def load(path) -> dict:

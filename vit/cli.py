@@ -130,14 +130,7 @@ def _predict(args, stdout, stderr) -> int:
 def _train(argv: list[str], stderr) -> int:
     import importlib
 
-    try:
-        train = importlib.import_module("vit.train")
-    except ModuleNotFoundError as exc:
-        if exc.name != "vit.train":
-            raise
-        print("error: `fastvit train` needs vit/train.py (the training job), which this "
-              "installation does not have yet", file=stderr)
-        return 2
+    train = importlib.import_module("vit.train")
     return int(train.main(argv) or 0)
 
 

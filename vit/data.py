@@ -7,8 +7,10 @@ normalized, with ``C`` and ``H, W`` taken from the model config, and int64 label
   no download), split train/test deterministically, upscaled bilinearly.
 - ``synthetic``: random images and labels, for throughput runs.
 - ``ImageFolder``: ``root/<class>/<image>`` decoded with PIL inside DataLoader
-  workers; random-resized-crop + horizontal flip for training, resize + center crop
-  for evaluation, written with torch ops (no torchvision).
+  workers; random-resized-crop + horizontal flip for training (torch ops, no
+  torchvision); for evaluation the recipe of ``fastvit predict``
+  (``vit.preprocess.default_preprocess``), so that the accuracy measured during
+  training is the accuracy ``fastvit predict`` gets.
 
 Randomness never comes from the global RNG: the data order is a function of
 ``(seed, epoch)`` (``batch_indices``) and an augmentation is a function of
@@ -24,10 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .preprocess import (GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, default_preprocess,
+                         load_image)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-# ImageNet statistics (what pretrained ViTs expect); gray images use their mean.
-RGB_MEAN = (0.485, 0.456, 0.406)
-RGB_STD = (0.229, 0.224, 0.225)
 
 
 class DataError(ValueError):
@@ -59,11 +61,12 @@ def _check_image_spec(in_chans: int, img_hw) -> tuple[int, int]:
 
 
 def _normalize(images: torch.Tensor) -> torch.Tensor:
-    """Scale [0, 1] images with the ImageNet mean/std (gray: the channel means)."""
+    """Scale [0, 1] images with the ImageNet mean/std (gray: the channel means), as
+    ``vit.preprocess`` does."""
     if images.shape[1] == 3:
-        mean, std = torch.tensor(RGB_MEAN), torch.tensor(RGB_STD)
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     else:
-        mean, std = torch.tensor([sum(RGB_MEAN) / 3]), torch.tensor([sum(RGB_STD) / 3])
+        mean, std = torch.tensor(GRAY_MEAN), torch.tensor(GRAY_STD)
     return (images - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
@@ -79,7 +82,11 @@ def load_digits(in_chans: int, img_hw, test_fraction: float = 0.2, split_seed: i
     img_hw = _check_image_spec(in_chans, img_hw)
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    from sklearn.datasets import load_digits as sk_load_digits
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError as exc:
+        raise ImportError("the digits dataset (--data digits) needs scikit-learn: install it with "
+                          "`pip install scikit-learn`") from exc
 
     bunch = sk_load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
@@ -111,6 +118,8 @@ def synthetic(in_chans: int, img_hw, num_classes: int = 1000, size: int = 512, s
 def find_images(root) -> tuple[list[tuple[str, int]], list[str]]:
     """``root/<class>/**/<image>`` -> ([(path, class index)], class names), sorted."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"dataset path {root} is a file, not a directory (expected root/<class>/<image>)")
     if not root.is_dir():
         raise DataError(f"dataset directory {root} does not exist")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -170,17 +179,6 @@ def train_transform(image: torch.Tensor, size: tuple[int, int], gen: torch.Gener
     return image
 
 
-def eval_transform(image: torch.Tensor, size: tuple[int, int], crop_fraction: float = 0.875) -> torch.Tensor:
-    """Resize the shorter side to size/crop_fraction, then center-crop to ``size``."""
-    height, width = image.shape[-2:]
-    target = max(size[0], size[1]) / crop_fraction
-    factor = target / min(height, width)
-    resized = (max(size[0], round(height * factor)), max(size[1], round(width * factor)))
-    image = resize(image, resized)
-    top, left = (resized[0] - size[0]) // 2, (resized[1] - size[1]) // 2
-    return image[:, top:top + size[0], left:left + size[1]]
-
-
 class ImageFolder(torch.utils.data.Dataset):
     """Images in ``root/<class>/...`` decoded by PIL when indexed (i.e. in DataLoader workers).
 
@@ -189,38 +187,40 @@ class ImageFolder(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: list[tuple[str, int]], num_classes: int, in_chans: int, img_hw,
-                 train: bool, seed: int = 0):
+                 train: bool, seed: int = 0, classes: list[str] | None = None):
         self.samples = list(samples)
         self.num_classes = num_classes
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
         self.in_chans = in_chans
         self.img_hw = _check_image_spec(in_chans, img_hw)
         self.train = train
         self.seed = seed
         self.epoch = 0
+        self.eval_recipe = default_preprocess(self.img_hw, in_chans=in_chans)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def decode(self, path: str) -> torch.Tensor:
-        from PIL import Image
-
+    def open(self, path: str):
+        """The file as a PIL image with the model's channels (``vit.preprocess.load_image``)."""
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB" if self.in_chans == 3 else "L")
-                data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-                size = img.size
-        except Exception as exc:  # PIL raises many types for unreadable files
+            image = load_image(path)
+        except ImageLoadError as exc:
             raise DataError(f"cannot decode image {path}: {exc}") from exc
-        return data.view(size[1], size[0], self.in_chans).permute(2, 0, 1).float() / 255.0
+        return image if self.in_chans == 3 else image.convert("L")
+
+    def decode(self, path: str) -> torch.Tensor:
+        """(C, H, W) float32 in [0, 1]."""
+        img = self.open(path)
+        data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        return data.view(img.size[1], img.size[0], self.in_chans).permute(2, 0, 1).float() / 255.0
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        image = self.decode(path)
-        if self.train:
-            gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, index))
-            image = train_transform(image, self.img_hw, gen)
-        else:
-            image = eval_transform(image, self.img_hw)
+        if not self.train:  # exactly what ``fastvit predict`` feeds the model
+            return self.eval_recipe(self.open(path)), label
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, index))
+        image = train_transform(self.decode(path), self.img_hw, gen)
         return _normalize(image.unsqueeze(0)).squeeze(0), label
 
 
@@ -255,8 +255,8 @@ def load_image_folder(root, in_chans: int, img_hw, seed: int = 0, val_fraction: 
             train += [mine[i] for i in order[cut:]]
         if not held_out:
             held_out = train
-    return (ImageFolder(train, len(classes), in_chans, img_hw, train=True, seed=seed),
-            ImageFolder(held_out, len(classes), in_chans, img_hw, train=False, seed=seed))
+    return (ImageFolder(train, len(classes), in_chans, img_hw, train=True, seed=seed, classes=classes),
+            ImageFolder(held_out, len(classes), in_chans, img_hw, train=False, seed=seed, classes=classes))
 
 
 # ------------------------------------------------------------------------------ order

@@ -13,17 +13,13 @@ from .config import ViTConfig, get_config
 
 def model_class(fast: bool):
     """The reference ``vit.ViT`` or, with ``fast=True``, ``vit.fast.ViT``."""
-    if not fast:
-        from .model import ViT
-
-        return ViT
-    try:
+    if fast:
         from .fast import ViT as FastViT
-    except ModuleNotFoundError as exc:
-        if exc.name != "vit.fast":
-            raise
-        raise NotImplementedError("the fast model (vit.fast) is not available yet") from exc
-    return FastViT
+
+        return FastViT
+    from .model import ViT
+
+    return ViT
 
 
 def config_from_hf(hf: dict) -> ViTConfig:
@@ -98,9 +94,15 @@ def create_model(name: str, *, fast: bool = False, pretrained=None, **overrides)
     """A ViT from the preset ``name`` (e.g. "vit_base_patch16_224") with config overrides.
 
     ``pretrained`` is a local checkpoint: a .safetensors/.pth file in timm, HF or our
-    layout, or a HF snapshot directory (config.json + model.safetensors).
+    layout, or a HF snapshot directory (config.json + model.safetensors). For a snapshot
+    directory with a config.json, the snapshot's config wins over the preset's (its
+    ``layer_norm_eps``, number of labels, sizes ...), with ``overrides`` applied on top;
+    ``name`` must still be a known preset.
     """
-    model = model_class(fast)(get_config(name, **overrides))
+    config = get_config(name, **overrides)  # validates the preset name and the overrides
+    if pretrained is not None and Path(pretrained).is_dir() and (Path(pretrained) / "config.json").is_file():
+        config = read_config(pretrained).replace(**overrides)
+    model = model_class(fast)(config)
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import torch
 
 from . import checkpoint as ckpt
-from .preprocess import ImageLoadError, Preprocess, for_checkpoint, load_image
+from .preprocess import ImageLoadError, Preprocess, for_checkpoint, load_image, require_pillow
 
 
 @dataclass
@@ -63,7 +63,26 @@ def load_classifier(pretrained, *, fast: bool = False, model_name: str | None = 
         raise ValueError(f"the checkpoint at {path} has no classification head (num_classes=0)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
-    return model, for_checkpoint(path, model.config.img_hw), load_labels(path, model.config.num_classes)
+    recipe = for_checkpoint(path, model.config.img_hw, model.config.in_chans)
+    return model, recipe, load_labels(path, model.config.num_classes)
+
+
+def parse_device(name) -> torch.device:
+    """``None`` (cuda when available, else cpu), "cpu", "cuda" or "cuda:N", checked against this machine."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -90,6 +109,13 @@ def predict(paths: Iterable, model: torch.nn.Module, preprocess: Preprocess, lab
             except ImageLoadError as exc:
                 result.error = str(exc)
                 continue
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
+                result.error = f"cannot preprocess: {type(exc).__name__}: {exc}"
+                continue
+            if tensor.shape[0] != model.config.in_chans:
+                result.error = (f"preprocessing gave {tensor.shape[0]} channel(s), the model expects "
+                                f"in_chans={model.config.in_chans}")
+                continue
             if tuple(tensor.shape[-2:]) != expected and not model.config.dynamic_img_size:
                 result.error = (f"preprocessing gave a {tensor.shape[-2]}x{tensor.shape[-1]} image, "
                                 f"the model expects {expected[0]}x{expected[1]}")
@@ -115,18 +141,20 @@ def format_prediction(prediction: Prediction) -> str:
 
 def main(args, stdout, stderr) -> int:
     """The ``fastvit predict`` command (arguments parsed by vit.cli)."""
-    from .factory import model_class
-
-    if args.fast:
-        try:
-            model_class(True)
-        except NotImplementedError as exc:
-            print(f"error: --fast needs the fast model: {exc}", file=stderr)
-            return 2
+    try:
+        device = parse_device(args.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=stderr)
+        return 2
+    try:
+        require_pillow("fastvit predict")
+    except ImportError as exc:
+        print(f"error: {exc}", file=stderr)
+        return 2
     try:
         model, preprocess, labels = load_classifier(args.pretrained, fast=args.fast,
-                                                    model_name=args.model, device=args.device)
-    except (FileNotFoundError, ValueError, TypeError) as exc:
+                                                    model_name=args.model, device=device)
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
         print(f"error: cannot load {args.pretrained}: {exc}", file=stderr)
         return 2
     failures = 0

@@ -2,8 +2,13 @@
 
 ``Preprocess`` is the recipe; ``for_checkpoint`` reads it from a checkpoint: a Hugging
 Face snapshot's ``preprocessor_config.json`` when there is one, else the timm/ImageNet
-defaults for the model's image size (resize the shorter side to size / 0.875, bicubic,
-center crop, ImageNet mean and std).
+defaults for the model's image size and channels (resize the shorter side to
+size / 0.875, bicubic, center crop, ImageNet mean and std; one-channel models get gray
+images and the channel means of those statistics).
+
+This module holds the one evaluation recipe and the one copy of the ImageNet statistics:
+``vit.data`` (the training job's evaluation split) uses them too, so a model is evaluated
+during training exactly as ``fastvit predict`` will feed it.
 """
 
 from __future__ import annotations
@@ -18,12 +23,27 @@ import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# gray images (in_chans=1) use the channel means of the ImageNet statistics
+GRAY_MEAN = (sum(IMAGENET_MEAN) / 3,)
+GRAY_STD = (sum(IMAGENET_STD) / 3,)
 DEFAULT_CROP_PCT = 0.875
 _FILTERS = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")  # PIL's codes 0..5
 
 
 class ImageLoadError(ValueError):
     """A file that cannot be read as an image."""
+
+
+def require_pillow(purpose: str = "reading images"):
+    """The PIL package, or an ImportError that says what to install."""
+    try:
+        import PIL.Image  # noqa: F401
+        import PIL.ImageOps  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"{purpose} needs Pillow: install it with `pip install pillow`") from exc
+    import PIL
+
+    return PIL
 
 
 def _pair(name: str, value) -> tuple[int, int]:
@@ -39,12 +59,13 @@ def _pair(name: str, value) -> tuple[int, int]:
 class Preprocess:
     """resize: an int resizes the shorter side to it (aspect kept), (h, w) resizes to exactly
     that, None keeps the size; crop: center crop (h, w) or None; the pixels are then
-    multiplied by ``rescale`` and, with ``normalize``, standardized by mean and std."""
+    multiplied by ``rescale`` and, with ``normalize``, standardized by mean and std.
+    Three mean/std values give RGB images, one value gray ("L") images."""
 
     resize: int | tuple[int, int] | None
     crop: tuple[int, int] | None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bicubic"
     rescale: float = 1 / 255
     normalize: bool = True
@@ -60,11 +81,17 @@ class Preprocess:
             raise ValueError(f"interpolation must be one of {', '.join(_FILTERS)}, got {self.interpolation!r}")
         for name in ("mean", "std"):
             values = tuple(float(v) for v in getattr(self, name))
-            if len(values) != 3:
-                raise ValueError(f"{name} must have 3 values (RGB), got {getattr(self, name)!r}")
+            if len(values) not in (1, 3):
+                raise ValueError(f"{name} must have 3 values (RGB) or 1 (gray), got {getattr(self, name)!r}")
             object.__setattr__(self, name, values)
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean and std must have as many values, got {self.mean!r} and {self.std!r}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std!r}")
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) of the tensor produced from an image of this size."""
@@ -82,12 +109,13 @@ class Preprocess:
         return (self.resize, new_long) if height <= width else (new_long, self.resize)
 
     def __call__(self, image) -> torch.Tensor:
-        """A PIL image -> float32 tensor (3, H, W)."""
+        """A PIL image -> float32 tensor (channels, H, W)."""
+        require_pillow()
         from PIL import Image
 
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
-        image = image.convert("RGB")
+        image = image.convert("RGB" if self.channels == 3 else "L")
         size = self._resized(image.height, image.width)
         if size != (image.height, image.width):
             image = image.resize((size[1], size[0]), Image.Resampling[self.interpolation.upper()])
@@ -97,18 +125,24 @@ class Preprocess:
             left = int(round((image.width - cw) / 2.0))
             # outside the image PIL fills with zeros, i.e. pads small images with black
             image = image.crop((left, top, left + cw, top + ch))
-        pixels = np.asarray(image, dtype=np.float32) * np.float32(self.rescale)
+        pixels = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, self.channels)
+        pixels = pixels * np.float32(self.rescale)
         if self.normalize:
             pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
-def default_preprocess(img_hw, crop_pct: float = DEFAULT_CROP_PCT) -> Preprocess:
-    """timm's ImageNet evaluation recipe for a model taking ``img_hw`` images."""
+def default_preprocess(img_hw, crop_pct: float = DEFAULT_CROP_PCT, in_chans: int = 3) -> Preprocess:
+    """timm's ImageNet evaluation recipe for a model taking ``img_hw`` images with
+    ``in_chans`` (1: gray, 3: RGB) channels."""
     height, width = _pair("img_hw", img_hw)
+    if in_chans not in (1, 3):
+        raise ValueError(f"images have 1 (gray) or 3 (RGB) channels, the model expects in_chans={in_chans!r}")
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
     resize = math.floor(min(height, width) / crop_pct)
+    if in_chans == 1:
+        return Preprocess(resize=resize, crop=(height, width), mean=GRAY_MEAN, std=GRAY_STD)
     return Preprocess(resize=resize, crop=(height, width))
 
 
@@ -152,8 +186,9 @@ def from_hf_config(cfg: dict) -> Preprocess:
         normalize=bool(cfg.get("do_normalize", True)))
 
 
-def for_checkpoint(path, img_hw) -> Preprocess:
-    """The recipe stored with the checkpoint at ``path``, else the defaults for ``img_hw``."""
+def for_checkpoint(path, img_hw, in_chans: int = 3) -> Preprocess:
+    """The recipe stored with the checkpoint at ``path``, else the defaults for ``img_hw``
+    and ``in_chans``."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     config = folder / "preprocessor_config.json"
@@ -162,12 +197,17 @@ def for_checkpoint(path, img_hw) -> Preprocess:
             data = json.loads(config.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{config} is not valid JSON: {exc}") from exc
-        return from_hf_config(data)
-    return default_preprocess(img_hw)
+        recipe = from_hf_config(data)
+        if recipe.channels != in_chans:
+            raise ValueError(f"{config} normalizes {recipe.channels}-channel images, the model "
+                             f"expects in_chans={in_chans}")
+        return recipe
+    return default_preprocess(img_hw, in_chans=in_chans)
 
 
 def load_image(path):
     """Open ``path`` as an RGB PIL image, fully decoded; ImageLoadError says why not."""
+    require_pillow()
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)

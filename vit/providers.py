@@ -221,12 +221,6 @@ def _build_fast(reference: nn.Module) -> nn.Module:
 
 def _fast_unavailable(backend: str | None):
     def check(device: torch.device, config: ViTConfig) -> str | None:
-        from .factory import model_class
-
-        try:
-            model_class(True)
-        except NotImplementedError as exc:
-            return str(exc)
         if backend is None:
             return None
         import fastvit_kernels

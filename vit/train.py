@@ -11,9 +11,7 @@ Scale: under torchrun every rank runs this same file; DDP (gloo on CPU, nccl on 
 ``--batch-size`` is the *global* batch: each of N ranks takes a contiguous 1/N slice of
 the same seeded batch, so the loss curve does not depend on N. Only rank 0 writes.
 
-Model: ``--fast`` trains ``vit.fast.ViT`` and fails if it is missing; ``--no-fast`` the
-reference ``vit.ViT``; by default the fast model when it exists, else the reference
-with a one-line notice.
+Model: ``vit.fast.ViT`` by default (or ``--fast``); ``--no-fast`` the reference ``vit.ViT``.
 
 Output directory (``--out``)::
 
@@ -51,6 +49,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from ._io import atomic_torch_save, atomic_write_text
+from .progress import Progress
 from . import data as vdata
 from .config import PRESETS, ViTConfig, get_config
 from .factory import model_class
@@ -121,7 +121,8 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     d = parser.add_argument_group("data")
     add("--data", group=d, default="digits", help="digits | synthetic | PATH to an ImageFolder directory")
     add("--synthetic-size", group=d, type=int, default=512, help="images in the synthetic set")
-    add("--num-classes", group=d, type=int, default=1000, help="classes of the synthetic set")
+    add("--num-classes", group=d, type=int, default=1000, help="classes of the synthetic set (digits and "
+        "ImageFolder data bring their own: a different value is refused)")
     add("--val-fraction", group=d, type=float, default=0.1,
         help="held-out share of an ImageFolder without train/ and val/ folders")
     add("--workers", group=d, type=int, default=min(4, os.cpu_count() or 1),
@@ -274,16 +275,9 @@ def resolve_config(args, num_classes: int) -> ViTConfig:
         raise TrainError(f"invalid model configuration: {exc}") from exc
 
 
-def resolve_model_class(fast: bool | None, say):
-    if fast is False:
-        return model_class(False), False
-    try:
-        return model_class(True), True
-    except NotImplementedError as exc:
-        if fast:
-            raise TrainError(f"--fast was requested but {exc}; use --no-fast for the reference model") from exc
-        say(f"note: {exc}: training the reference vit.ViT (--no-fast silences this)")
-        return model_class(False), False
+def resolve_model_class(fast: bool | None):
+    """``--no-fast``: the reference vit.ViT; otherwise (the default) vit.fast.ViT."""
+    return model_class(fast is not False), fast is not False
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -345,9 +339,28 @@ class Data:
         self.args, self.dist = args, dist_
         self.device = dist_.device
         source = args.data
+        try:
+            self._read(args, source, cfg_in_chans, img_hw)
+        except ImportError as exc:
+            raise TrainError(str(exc)) from exc
+        except ValueError as exc:  # DataError and the image spec checks (e.g. in_chans=2)
+            raise TrainError(f"--data {source}: {exc}") from exc
+        self.num_classes = self.train.num_classes
+        if ("num_classes" in getattr(args, "explicit", ()) and source != "synthetic"
+                and args.num_classes != self.num_classes):
+            raise TrainError(f"--num-classes {args.num_classes} does not match --data {source}, which has "
+                             f"{self.num_classes} classes (--num-classes is for --data synthetic)")
+        try:
+            self.per_epoch = vdata.batches_per_epoch(len(self.train), args.batch_size)
+        except vdata.DataError as exc:
+            raise TrainError(str(exc)) from exc
+
+    def _read(self, args, source: str, cfg_in_chans: int, img_hw) -> None:
+        self.class_names = None
         if source == "digits":
             train, test = vdata.load_digits(cfg_in_chans, img_hw)
             self.train, self.test = train.to(self.device), test.to(self.device)
+            self.class_names = [str(i) for i in range(10)]
         elif source == "synthetic":
             self.train = vdata.synthetic(cfg_in_chans, img_hw, args.num_classes, args.synthetic_size,
                                          seed=args.seed).to(self.device)
@@ -356,19 +369,19 @@ class Data:
         else:
             if not Path(source).exists():
                 raise TrainError(f"--data {source!r} is neither 'digits', 'synthetic' nor an existing directory")
-            try:
-                self.train, self.test = vdata.load_image_folder(source, cfg_in_chans, img_hw, seed=args.seed,
-                                                                val_fraction=args.val_fraction)
-            except vdata.DataError as exc:
-                raise TrainError(str(exc)) from exc
-        self.num_classes = self.train.num_classes
-        try:
-            self.per_epoch = vdata.batches_per_epoch(len(self.train), args.batch_size)
-        except vdata.DataError as exc:
-            raise TrainError(str(exc)) from exc
+            if not Path(source).is_dir():
+                raise TrainError(f"--data {source!r} is a file, not a directory "
+                                 "(expected root/<class>/<image>)")
+            self.train, self.test = vdata.load_image_folder(source, cfg_in_chans, img_hw, seed=args.seed,
+                                                            val_fraction=args.val_fraction)
+            self.class_names = list(self.train.classes)
 
-    def _load(self, dataset, index_lists):
-        """Yield (images, labels) on the device for each list of indices."""
+    def _load(self, dataset, index_lists, epoch: int = -1):
+        """Yield (images, labels) on the device for each list of indices.
+
+        The DataLoader gets its own generator (seeded by seed, epoch, rank): without one it
+        draws its workers' base seed from the global RNG, so the dropout stream would depend
+        on when loaders were created and a resumed run would diverge."""
         if isinstance(dataset, vdata.TensorData):
             for idx in index_lists:
                 idx = torch.as_tensor(idx, device=self.device)
@@ -376,23 +389,24 @@ class Data:
             return
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=[list(map(int, i)) for i in index_lists],
                                              num_workers=self.args.workers,
-                                             pin_memory=self.device.type == "cuda")
+                                             pin_memory=self.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(
+                                                 vdata.mix_seed(self.args.seed, epoch, self.dist.rank)))
         for images, labels in loader:
             yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
 
     def train_batches(self, start_step: int):
-        """This rank's batch for every step from ``start_step`` on (forever)."""
+        """This rank's batch for every step from ``start_step`` on (forever): ``vdata.batch_indices``."""
         args, rank, world = self.args, self.dist.rank, self.dist.world_size
-        per_rank = args.batch_size // world
-        epoch, position = divmod(start_step, self.per_epoch)
+        step = start_step
         while True:
-            order = torch.randperm(len(self.train),
-                                   generator=torch.Generator().manual_seed(vdata.mix_seed(args.seed, epoch)))
-            starts = [p * args.batch_size + rank * per_rank for p in range(position, self.per_epoch)]
+            epoch, position = divmod(step, self.per_epoch)
+            indices = [vdata.batch_indices(len(self.train), args.batch_size, args.seed, s, rank, world)
+                       for s in range(step, (epoch + 1) * self.per_epoch)]
             if isinstance(self.train, vdata.ImageFolder):
                 self.train.epoch = epoch  # read by the workers started below
-            yield from self._load(self.train, [order[s:s + per_rank] for s in starts])
-            epoch, position = epoch + 1, 0
+            yield from self._load(self.train, indices, epoch)
+            step = (epoch + 1) * self.per_epoch
 
     def eval_batches(self):
         """(images, labels, valid) chunks of this rank's equal-length share of the eval set."""
@@ -405,18 +419,6 @@ class Data:
 
 # ------------------------------------------------------------------------- checkpoints
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def find_checkpoint(path) -> Path:
     """The checkpoint directory named by --resume: a run directory (its latest) or a step directory."""
     path = Path(path)
@@ -426,10 +428,15 @@ def find_checkpoint(path) -> Path:
     if latest.is_file():
         name = latest.read_text().strip()
         target = path / "checkpoints" / name
-        if not (target / STATE_FILE).is_file():
-            raise TrainError(f"{latest} names {name!r}, but {target / STATE_FILE} is missing: "
-                             "the checkpoint directory was damaged")
-        return target
+        if (target / STATE_FILE).is_file():
+            return target
+        steps = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
+        if not steps:
+            raise TrainError(f"{latest} names {name!r}, but {target / STATE_FILE} is missing and no other "
+                             "complete checkpoint is left: the checkpoint directory was damaged")
+        print(f"fastvit train: warning: {latest} names {name!r}, but {target / STATE_FILE} is missing; "
+              f"resuming from the newest complete checkpoint {steps[-1].name}", file=sys.stderr, flush=True)
+        return steps[-1]
     steps = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
     if steps:  # killed between writing a checkpoint and pointing ``latest`` at it
         return steps[-1]
@@ -525,7 +532,7 @@ class Trainer:
         preset_cfg = resolve_config(args, num_classes=1)
         self.data = Data(args, preset_cfg.in_chans, preset_cfg.img_hw, dist_)
         self.cfg = resolve_config(args, self.data.num_classes)
-        cls, self.fast = resolve_model_class(args.fast, self.say)
+        cls, self.fast = resolve_model_class(args.fast)
 
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         module = cls(self.cfg)
@@ -656,6 +663,13 @@ class Trainer:
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return _to_cpu(self.optimizer.state_dict())
 
+    def _metadata(self, step: int) -> dict:
+        """Safetensors metadata: the step, and the class names ``vit.predict.load_labels`` shows."""
+        meta = {"step": str(step)}
+        if self.data.class_names:
+            meta["id2label"] = json.dumps({str(i): n for i, n in enumerate(self.data.class_names)})
+        return meta
+
     def save_checkpoint(self, step: int, elapsed: float) -> Path | None:
         """Every rank takes part (collectives); rank 0 writes step_N/ then points ``latest`` at it."""
         weights = self.full_weights()
@@ -680,12 +694,12 @@ class Trainer:
         tmp, final = root / f".{name}.tmp", root / name
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        ckpt.save(weights, tmp / WEIGHTS_FILE, config=self.cfg, metadata={"step": str(step)})
-        _atomic_torch_save(state, tmp / STATE_FILE)
+        ckpt.save(weights, tmp / WEIGHTS_FILE, config=self.cfg, metadata=self._metadata(step))
+        atomic_torch_save(state, tmp / STATE_FILE)
         if final.exists():  # the same step written again after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _atomic_write_text(root / "latest", name + "\n")
+        atomic_write_text(root / "latest", name + "\n")
         kept = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
         for old in kept[:-self.args.keep_checkpoints]:
             if old != final:
@@ -761,7 +775,8 @@ class Trainer:
     def run(self) -> dict:
         args, say = self.args, self.say
         metrics = Metrics(self.out / "metrics.jsonl", self.dist.main, self.start_step)
-        bar = Progress(args.steps, args.progress if self.dist.main else "none")
+        bar = Progress(args.steps, stream=sys.stdout, mode=args.progress if self.dist.main else "none",
+                       quiet_mode="lines", width=30)
         kill_at = int(os.environ.get(SIGKILL_ENV, "-1"))
         params = sum(p.numel() for p in self.module.parameters())
         if self.dist.main:
@@ -813,7 +828,8 @@ class Trainer:
                 window_start, window_images = now, 0
             if args.eval_every and done % args.eval_every == 0 and done != args.steps:
                 self._eval_and_log(done, metrics)
-            bar.update(done, loss, lr, self.last_eval)
+            bar.update(at=done, status=f"loss {loss:.4f} lr {lr:.2e}"
+                       + (f" acc {self.last_eval * 100:.1f}%" if self.last_eval is not None else ""))
             if args.ckpt_every and done % args.ckpt_every == 0 and done != args.steps:
                 self.save_checkpoint(done, self.elapsed_before + time.perf_counter() - start)
             if done == kill_at:
@@ -838,8 +854,8 @@ class Trainer:
         if self.device.type == "cuda":
             summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.dist.main:
-            ckpt.save(weights, self.out / WEIGHTS_FILE, config=self.cfg, metadata={"step": str(args.steps)})
-            _atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            ckpt.save(weights, self.out / WEIGHTS_FILE, config=self.cfg, metadata=self._metadata(args.steps))
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
             say(f"done: {args.steps} steps ({trained} this run) in {wall:.1f} s"
                 + (f", {summary['img_per_s']:.0f} img/s" if summary["img_per_s"] else "")
                 + (f", peak memory {summary['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in summary else "")
@@ -882,7 +898,7 @@ class Metrics:
         elif path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and _record_step(line) <= start_step]
-            _atomic_write_text(path, "".join(line + "\n" for line in kept))
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -897,34 +913,6 @@ def _record_step(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
         return 1 << 62  # a torn last line (the process was killed while writing) is dropped
-
-
-class Progress:
-    """A one-line text bar on a terminal (``\\r``), or a plain line every ~5% otherwise."""
-
-    def __init__(self, total: int, mode: str):
-        if mode == "auto":
-            mode = "bar" if sys.stdout.isatty() else "lines"
-        self.total, self.mode, self.start = total, mode, time.perf_counter()
-        self.every = max(1, total // 20)
-
-    def update(self, step: int, loss: float, lr: float, acc: float | None) -> None:
-        if self.mode == "none" or (self.mode == "lines" and step % self.every and step != self.total):
-            return
-        elapsed = time.perf_counter() - self.start
-        filled = int(30 * step / self.total)
-        text = (f"[{'=' * filled}{'>' if filled < 30 else ''}{' ' * (29 - filled)}] {step}/{self.total} "
-                f"loss {loss:.4f} lr {lr:.2e}" + (f" acc {acc * 100:.1f}%" if acc is not None else "")
-                + f" {elapsed:.0f}s")
-        if self.mode == "bar":
-            sys.stdout.write("\r" + text)
-            sys.stdout.flush()
-        else:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.mode == "bar":
-            sys.stdout.write("\n")
 
 
 # -------------------------------------------------------------------------------- main
@@ -966,8 +954,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             torch.set_num_threads(threads)  # main() may run inside a larger program (tests)
         return 0
-    except TrainError as exc:
+    except (TrainError, ImportError) as exc:
         print(f"fastvit train: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except ValueError as exc:  # a configuration the model or data code refuses
+        print(f"fastvit train: error: invalid configuration: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
         if dist_ is not None:
