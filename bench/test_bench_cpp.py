@@ -11,7 +11,9 @@ ViT-S/16 shapes, batch 8, fp32: images 8x3x224x224, 197 tokens of width 384, 6 h
 
 End to end: ViT-S/16 inference, batch 8, fp32 and bf16 autocast, the fast model
 (``vit.fast.ViT`` under ``backend("cpp")``) against the plain reference ``vit.ViT`` with
-the same weights, in the same run (``img_per_s`` in extra_info).
+the same weights, in the same run (``img_per_s`` in extra_info); the fast model's logits
+are checked against the reference by the parity rule (``vit.bench.check_parity``).
+(bench/test_bench_model.py times ViT-S at batch 4 only, so batch 8 stays here.)
 
     pytest bench/test_bench_cpp.py --benchmark-only --benchmark-json=out.json
 
@@ -23,11 +25,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastvit_kernels as fk
 from benchutil import ON_CUDA, available, measure
 from fastvit_kernels import reference
+from vit import bench as vb
 
 pytestmark = pytest.mark.skipif(ON_CUDA or available("cpp") is not None,
                                 reason=f"cpp backend is CPU-only here: {available('cpp') or 'CUDA run'}")
@@ -48,7 +50,7 @@ def _case(op: str, grad: bool):
         return args, reference.patch_embed
     if op == "layer_norm":
         args = (_rand(BATCH, TOKENS, DIM, grad=grad), _rand(DIM, grad=grad), _rand(DIM, grad=grad), 1e-6)
-        return args, lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], w, b, eps)
+        return args, reference.layer_norm
     if op == "add_layer_norm":
         args = (_rand(BATCH, TOKENS, DIM, grad=grad), _rand(BATCH, TOKENS, DIM, grad=grad),
                 _rand(DIM, grad=grad), _rand(DIM, grad=grad), 1e-6)
@@ -56,10 +58,10 @@ def _case(op: str, grad: bool):
     if op == "linear_gelu":
         args = (_rand(BATCH, TOKENS, DIM, grad=grad), _rand(HIDDEN, DIM, std=0.02, grad=grad),
                 _rand(HIDDEN, grad=grad), "none")
-        return args, lambda x, w, b, approx: F.gelu(F.linear(x, w, b), approximate=approx)
+        return args, reference.linear_gelu
     if op == "attention":
         args = tuple(_rand(BATCH, HEADS, TOKENS, DIM // HEADS, grad=grad) for _ in range(3)) + (None,)
-        return args, lambda q, k, v, scale: F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return args, reference.attention
     if op == "packed_attention":
         return (_rand(BATCH, TOKENS, 3 * DIM, grad=grad), HEADS, None), reference.packed_attention
     raise ValueError(op)
@@ -136,9 +138,11 @@ def test_vit_s16_inference(benchmark, models, dtype, provider):
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             return model(images)
 
-    out = measure(benchmark, run, provider=provider, group=f"cpp-vit_s16-inference-b{BATCH}-{dtype}",
-                  items=BATCH, rounds=8, warmup=2)
-    with torch.inference_mode():
-        want = ref(images)  # fp32 reference logits: the fast model must agree
-    tol = 1e-3 if dtype == "fp32" else 0.25
-    assert (out.float() - want).abs().max().item() <= tol * want.abs().max().item()
+    measure(benchmark, run, provider=provider, group=f"cpp-vit_s16-inference-b{BATCH}-{dtype}",
+            items=BATCH, rounds=8, warmup=2)
+    if provider == "cpp":  # the timed fast model must agree with the reference by the parity rule
+        torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+        labels = torch.zeros(BATCH, dtype=torch.long)  # unused: logits only
+        want = vb.reference_outputs(ref, images, labels, torch_dtype, with_grads=False)
+        for check in vb.check_parity(fast, want, torch_dtype, lambda: fk.backend("cpp")):
+            assert check.ok, check.detail

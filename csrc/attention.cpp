@@ -291,12 +291,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd", [&] {
     using A = acc_t<scalar_t>;
     lse = at::empty({s.B, s.H, s.Nq}, q.options().dtype(acc_dtype<scalar_t>()));
-    if (out.numel() == 0) return;
     if (s.Nk == 0) {  // softmax over no keys: SDPA gives zeros
       out.zero_();
       lse.fill_(-std::numeric_limits<A>::infinity());
       return;
     }
+    if (s.d == 0) {  // every score is an empty dot product, 0: uniform softmax over Nk keys
+      lse.fill_(std::log(static_cast<A>(s.Nk)));
+      return;
+    }
+    if (out.numel() == 0) return;
     attention_fwd_kernel<scalar_t>(operand<scalar_t>(q), operand<scalar_t>(k), operand<scalar_t>(v),
                                    operand<scalar_t>(out), lse.data_ptr<A>(), s, static_cast<A>(scale));
   });
@@ -350,6 +354,10 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& qkv_in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "packed_attention_fwd", [&] {
     using A = acc_t<scalar_t>;
     lse = at::empty({B, num_heads, N}, qkv.options().dtype(acc_dtype<scalar_t>()));
+    if (d == 0) {  // empty dot products: every score is 0, a uniform softmax over the N keys
+      lse.fill_(std::log(static_cast<A>(N)));
+      return;
+    }
     if (out.numel() == 0) return;
     attention_fwd_kernel<scalar_t>(operand<scalar_t>(q), operand<scalar_t>(k), operand<scalar_t>(v),
                                    operand<scalar_t>(out_view), lse.data_ptr<A>(), s, static_cast<A>(scale));

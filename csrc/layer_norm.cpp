@@ -35,6 +35,9 @@ void layer_norm_fwd_kernel(const T* x, const T* residual, const acc_t<T>* weight
         for (; i < D; ++i) xa[i] = xr[i] + rr[i];
         xr = xa;
         store_row<T>(xa, sum_out + row * D, D);
+        // The sum is LayerNorm's input and is what backward recomputes x-hat from, so in
+        // bf16/fp16 normalize the rounded sum (as eager does), not the fp32 one.
+        if constexpr (!std::is_same_v<T, A>) load_row<T>(sum_out + row * D, xa, D);
       }
       const A mean = row_sum(xr, D) / A(D);
       const A rstd = A(1) / std::sqrt(row_sq_dev(xr, mean, D) / A(D) + A(eps));

@@ -68,6 +68,14 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const std:
   FASTVIT_CHECK_OPTIONAL(bias, x, weight.size(0));
 }
 
+// Rows of x viewed as a matrix, counted from the leading sizes: reshape({-1, 0}) cannot
+// infer them when the last dimension is 0.
+int64_t leading_rows(const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) rows *= x.size(i);
+  return rows;
+}
+
 std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n_out) {
   auto shape = x.sizes().vec();
   shape.back() = n_out;
@@ -81,7 +89,7 @@ at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& weight, const std:
   FASTVIT_BELOW_AUTOGRAD;
   check_linear_args(x, weight, bias);
   const bool tanh_approx = parse_approximate(approximate);
-  const at::Tensor x2d = x.reshape({-1, x.size(-1)});
+  const at::Tensor x2d = x.reshape({leading_rows(x), x.size(-1)});
   at::Tensor out = at::empty({x2d.size(0), weight.size(0)}, x.options());
   linear_gelu_impl(x2d, weight, bias, out, out, tanh_approx);
   return out.view(out_shape(x, weight.size(0)));
@@ -93,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x, const at
   FASTVIT_BELOW_AUTOGRAD;
   check_linear_args(x, weight, bias);
   const bool tanh_approx = parse_approximate(approximate);
-  const at::Tensor x2d = x.reshape({-1, x.size(-1)});
+  const at::Tensor x2d = x.reshape({leading_rows(x), x.size(-1)});
   at::Tensor pre = at::empty({x2d.size(0), weight.size(0)}, x.options());
   at::Tensor out = at::empty_like(pre);
   linear_gelu_impl(x2d, weight, bias, pre, out, tanh_approx);
@@ -118,9 +126,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(
               op, ": grad_out and preact must have shape ", at::IntArrayRef(shape),
               ", got ", grad_out.sizes(), " and ", preact.sizes());
   const int64_t N = weight.size(0);
-  const at::Tensor x2d = x.reshape({-1, x.size(-1)});
-  const at::Tensor g = grad_out.reshape({-1, N}).contiguous();
-  const at::Tensor p = preact.reshape({-1, N}).contiguous();
+  const at::Tensor x2d = x.reshape({leading_rows(x), x.size(-1)});
+  const at::Tensor g = grad_out.reshape({leading_rows(x), N}).contiguous();
+  const at::Tensor p = preact.reshape({leading_rows(x), N}).contiguous();
   const int64_t M = g.size(0);
   at::Tensor gp = at::empty_like(g);  // grad of the pre-activation
   at::Tensor dbias;

@@ -204,6 +204,10 @@ def _register_fakes() -> None:
 
 
 # ------------------------------------------------------------------------------ autograd
+# The multi-output setups call ctx.set_materialize_grads(False): autograd then passes None
+# for outputs that got no gradient (the statistics, lse, the pre-activation, and
+# add_layer_norm's normalized output when only its sum is used) instead of allocating zeros
+# for them; the backwards make a zero tensor only where a C++ kernel needs a real one.
 def _zeros_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad
 
@@ -218,6 +222,7 @@ def _register_autograd() -> None:
         ctx.save_for_backward(x, weight, output[1], output[2])
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)
 
     def ln_backward(ctx, grad_out, grad_mean, grad_rstd):
         x, weight, mean, rstd = ctx.saved_tensors
@@ -231,6 +236,7 @@ def _register_autograd() -> None:
         ctx.save_for_backward(output[1], weight, output[2], output[3])  # the sum is LayerNorm's input
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(output[2], output[3])
+        ctx.set_materialize_grads(False)
 
     def add_ln_backward(ctx, grad_out, grad_sum, grad_mean, grad_rstd):
         summed, weight, mean, rstd = ctx.saved_tensors
@@ -245,6 +251,7 @@ def _register_autograd() -> None:
         ctx.save_for_backward(x, weight, output[1])
         ctx.has_bias, ctx.approximate = bias is not None, approximate
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
 
     def lg_backward(ctx, grad_out, grad_pre):
         x, weight, pre = ctx.saved_tensors
@@ -291,6 +298,7 @@ def _register_autograd() -> None:
         ctx.save_for_backward(q, k, v, output[0], output[1])
         ctx.scale = scale
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
 
     def at_backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
@@ -304,6 +312,7 @@ def _register_autograd() -> None:
         ctx.save_for_backward(qkv, output[0], output[1])
         ctx.num_heads, ctx.scale = num_heads, scale
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
 
     def pa_backward(ctx, grad_out, grad_lse):
         qkv, out, lse = ctx.saved_tensors

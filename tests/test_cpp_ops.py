@@ -44,13 +44,16 @@ def _outputs(result):
 
 
 def _run(fn, inputs, grads_out):
-    """Outputs of fn(*inputs) and gradients of sum(out * grad_out) wrt inputs needing grad."""
+    """Outputs of fn(*inputs) and the gradients wrt inputs needing grad, given upstream grads_out.
+
+    grads_out must already be in the outputs' dtypes (the high-precision run gets exact
+    upcasts of the op-dtype draws), so every run sees the very same upstream gradient.
+    """
     outs = _outputs(fn(*inputs))
     wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     if not wrt:
         return outs, []
-    loss = sum((o * g.to(o.dtype)).sum() for o, g in zip(outs, grads_out))
-    return outs, list(torch.autograd.grad(loss, wrt))
+    return outs, list(torch.autograd.grad(outs, wrt, grads_out))
 
 
 def check(op: str, inputs, *args, dtype=torch.float32):
@@ -63,12 +66,13 @@ def check(op: str, inputs, *args, dtype=torch.float32):
     ref = getattr(reference, op)
     with fk.backend("cpp"):
         probe = _outputs(public(*[t.detach() if isinstance(t, torch.Tensor) else t for t in inputs], *args))
-    grads_out = [torch.randn(o.shape, dtype=torch.float32) for o in probe]
+    # upstream gradients drawn in the op's dtype; the reference gets them upcast exactly
+    grads_out = [rand(*o.shape, dtype=o.dtype) for o in probe]
 
     with fk.backend("cpp"):
         fast_outs, fast_grads = _run(lambda *t: public(*t, *args), inputs, grads_out)
     hi_inputs = upcast(*inputs)
-    ref_outs, ref_grads = _run(lambda *t: ref(*t, *args), hi_inputs, grads_out)
+    ref_outs, ref_grads = _run(lambda *t: ref(*t, *args), hi_inputs, upcast(*grads_out))
     low_outs, low_grads = [None] * len(ref_outs), [None] * len(ref_grads)
     if dtype not in (torch.float32, torch.float64):
         low_inputs = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
@@ -124,6 +128,34 @@ def test_add_layer_norm(shape, dtype):
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", LOW)
+def test_add_layer_norm_normalizes_the_rounded_sum(dtype):
+    # In bf16/fp16 the returned sum is rounded to the dtype; the normalized output must be
+    # LayerNorm of that rounded sum (what eager computes), not of the unrounded fp32 sum.
+    shape, dim = (2, 197, 200), 200
+    # a large mean over a small spread: rounding the sum moves it by a good part of its std
+    x, r = rand(*shape, dtype=dtype, mean=100.0), rand(*shape, dtype=dtype, std=0.3)
+    w, b = rand(dim, dtype=dtype, mean=1.0), rand(dim, dtype=dtype)
+    with fk.backend("cpp"):
+        normed, summed = fk.add_layer_norm(x, r, w, b, 1e-6)
+    assert torch.equal(summed, x + r), "the sum must be x + residual rounded to the dtype"
+    ref_hi = reference.layer_norm(*upcast(summed, w, b), 1e-6)
+    ref_low = reference.layer_norm(summed, w, b, 1e-6)
+    assert_parity("add_layer_norm normed vs layer_norm(summed)", normed, ref_hi, ref_low)
+
+
+@needs_cpp
+def test_add_layer_norm_gradient_through_the_sum_only():
+    # The normalized output gets no gradient (None, not materialized): d(sum)/dx = identity.
+    x, r, w, b = _leaf(2, 9, 40), _leaf(2, 9, 40), _leaf(40, mean=1.0), _leaf(40)
+    grad = rand(2, 9, 40)
+    with fk.backend("cpp"):
+        _, summed = fk.add_layer_norm(x, r, w, b)
+        dx, dr = torch.autograd.grad(summed, (x, r), grad)
+    assert torch.equal(dx, grad) and torch.equal(dr, grad)
+
+
+@needs_cpp
 def test_add_layer_norm_noncontiguous_no_bias():
     check("add_layer_norm", [_noncontig(1, 197, 200), _leaf(1, 197, 200), _leaf(200), None], 1e-6)
 
@@ -146,6 +178,17 @@ def test_linear_gelu_noncontiguous_no_bias_and_inference():
     with torch.no_grad(), fk.backend("cpp"):  # the op without saved pre-activation
         fast = fk.linear_gelu(x, w, None)
     assert_parity("linear_gelu (no_grad)", fast, reference.linear_gelu(*upcast(x, w), None))
+
+
+@needs_cpp
+def test_linear_gelu_zero_in_features():
+    # x @ W.T over an empty inner dimension is 0, so the output is GELU(bias) broadcast
+    x, w, b = _leaf(2, 5, 0), _leaf(7, 0), _leaf(7)
+    check("linear_gelu", [x, w, b], "none")
+    with torch.no_grad(), fk.backend("cpp"):
+        fast = fk.linear_gelu(x.detach(), w.detach(), b.detach())
+    assert_parity("linear_gelu (in_features=0, no_grad)", fast,
+                  reference.linear_gelu(*upcast(x, w, b)))
 
 
 # ---------------------------------------------------------------------- patch embedding
@@ -194,6 +237,21 @@ def test_attention_many_keys_uses_online_softmax(dtype):
     q = _leaf(1, 1, 16, 32, dtype=dtype, std=2.0)
     k, v = _leaf(1, 1, 1100, 32, dtype=dtype, std=2.0), _leaf(1, 1, 1100, 32, dtype=dtype)
     check("attention", [q, k, v], None, dtype=dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("n_keys", [5, 0])
+def test_attention_head_dim_zero_fills_lse(n_keys):
+    # d == 0: every score is an empty dot product (0), so the softmax is uniform over the
+    # keys and lse = log(N_k) (-inf without keys); the output is empty.
+    q, k, v = rand(2, 3, 4, 0), rand(2, 3, n_keys, 0), rand(2, 3, n_keys, 0)
+    lse_ref = torch.logsumexp(torch.zeros(2, 3, 4, n_keys), dim=-1)
+    for _ in range(3):  # fresh allocations, so garbage in an unfilled lse would show
+        out, lse = torch.ops.fastvit.attention_fwd(q, k, v, 1.0)
+        assert out.shape == (2, 3, 4, 0)
+        assert torch.equal(lse, lse_ref), lse
+    _, lse = torch.ops.fastvit.packed_attention_fwd(rand(2, 4, 0), 3, 1.0)
+    assert torch.equal(lse, torch.full((2, 3, 4), torch.log(torch.tensor(4.0)).item())), lse
 
 
 @needs_cpp

@@ -90,6 +90,17 @@ void test_linear_gelu() {
       expect_close(tag + "dbias", db, r[2]);
     }
   }
+  // in_features 0: the product is empty, the output GELU(bias) broadcast over the rows
+  auto x0 = randn({2, 5, 0}), w0 = randn({7, 0}), b0 = randn({7});
+  auto want0 = at::gelu(dbl(b0), "none").expand({2, 5, 7});
+  expect_close("linear_gelu[in_features 0] out", fastvit::linear_gelu(x0, w0, b0, "none"), want0);
+  auto [out0, pre0] = fastvit::linear_gelu_fwd(x0, w0, b0, "none");
+  expect_close("linear_gelu[in_features 0] out (training)", out0, want0);
+  auto [dx0, dw0, db0] = fastvit::linear_gelu_bwd(randn({2, 5, 7}), pre0, x0, w0, "none");
+  if (dx0.sizes() != x0.sizes() || dw0.sizes() != w0.sizes()) {
+    std::printf("FAIL linear_gelu[in_features 0] gradient shapes\n");
+    ++failures;
+  }
 }
 
 void test_patch_embed() {
@@ -125,6 +136,13 @@ void test_attention() {
     expect_close(tag + "dk", dk, r[1]);
     expect_close(tag + "dv", dv, r[2]);
   }
+  // head_dim 0: all scores are empty dot products (0), so lse = log(Nk) (-inf without keys)
+  auto [out5, lse5] = fastvit::attention_fwd(randn({2, 3, 4, 0}), randn({2, 3, 5, 0}), randn({2, 3, 5, 0}), 1.0);
+  expect_close("attention[d 0, Nk 5] lse", lse5, at::full({2, 3, 4}, std::log(5.0), at::kDouble));
+  auto [out0, lse0] = fastvit::attention_fwd(randn({2, 3, 4, 0}), randn({2, 3, 0, 0}), randn({2, 3, 0, 0}), 1.0);
+  const bool neg_inf = lse0.sizes() == at::IntArrayRef({2, 3, 4}) && at::isneginf(lse0).all().item<bool>();
+  std::printf("%s attention[d 0, Nk 0] lse is -inf\n", neg_inf ? "ok  " : "FAIL");
+  failures += neg_inf ? 0 : 1;
 }
 
 void test_packed_attention() {
