@@ -23,7 +23,6 @@ benchmarked). CUDA: ViT-B/16 in bf16: M = 256*197, K = 768, N = 3072 for the MLP
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastvit_kernels as fk
 from benchutil import DEVICE, ON_CUDA, available, measure

@@ -36,3 +36,12 @@ def device():
 def _fresh_seed(request):
     """Fresh random inputs per test, but reproducible from the test's name."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread (on a busy machine every op otherwise waits for a second core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,13 +21,7 @@ TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "
         "--steps", "2", "--warmup", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread (on a busy machine every op otherwise waits for a second core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(argv):

@@ -22,13 +22,7 @@ NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead", 
          "stingray", "cock", "hen", "ostrich"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread (on a busy machine every op otherwise waits for a second core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

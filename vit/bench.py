@@ -43,6 +43,7 @@ from . import providers as registry
 from ._io import atomic_write_text
 from .progress import Progress
 from .config import ViTConfig, get_config
+from .factory import resolve_device
 from .model import ViT, count_flops
 
 FP32_RTOL = 1e-4
@@ -88,16 +89,7 @@ def make_settings(*, model: str | None = None, device: str | None = None, dtype:
                   steps: int | None = None, warmup: int | None = None, train: bool = False,
                   providers: list[str] | str | None = None, out=None, seed: int = 0) -> Settings:
     """Fill in what was not given from the device: model, dtype, batch, providers."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here")
+    dev = resolve_device(device)
     on_cuda = dev.type == "cuda"
     model = model or (CUDA_MODEL if on_cuda else CPU_MODEL)
     dtype = dtype or ("bf16" if on_cuda else "fp32")

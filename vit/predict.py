@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 import torch
 
 from . import checkpoint as ckpt
+from .factory import resolve_device
 from .preprocess import ImageLoadError, Preprocess, for_checkpoint, load_image, require_pillow
 
 
@@ -65,24 +66,6 @@ def load_classifier(pretrained, *, fast: bool = False, model_name: str | None = 
     model = model.to(device).eval()
     recipe = for_checkpoint(path, model.config.img_hw, model.config.in_chans)
     return model, recipe, load_labels(path, model.config.num_classes)
-
-
-def parse_device(name) -> torch.device:
-    """``None`` (cuda when available, else cpu), "cpu", "cuda" or "cuda:N", checked against this machine."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from exc
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -142,7 +125,7 @@ def format_prediction(prediction: Prediction) -> str:
 def main(args, stdout, stderr) -> int:
     """The ``fastvit predict`` command (arguments parsed by vit.cli)."""
     try:
-        device = parse_device(args.device)
+        device = resolve_device(args.device)
     except ValueError as exc:
         print(f"error: {exc}", file=stderr)
         return 2
