@@ -278,15 +278,10 @@ std::array<at::Tensor, 3> split_packed(const at::Tensor& qkv, int64_t H) {
   return {view[0], view[1], view[2]};
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                 const at::Tensor& v_in, double scale) {
-  FASTVIT_BELOW_AUTOGRAD;
-  check_qkv(q_in, k_in, v_in, scale);
-  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
-  const Dims s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
-  at::Tensor out = at::empty({s.B, s.H, s.Nq, s.d}, q.options());
+// The one forward path of both entry points: fills ``out`` (a (B, H, Nq, d) view) and
+// returns the log-sum-exp in the accumulation dtype, handling the empty cases.
+at::Tensor run_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& out, const Dims& s, double scale) {
   at::Tensor lse;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd", [&] {
     using A = acc_t<scalar_t>;
@@ -304,6 +299,35 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
     attention_fwd_kernel<scalar_t>(operand<scalar_t>(q), operand<scalar_t>(k), operand<scalar_t>(v),
                                    operand<scalar_t>(out), lse.data_ptr<A>(), s, static_cast<A>(scale));
   });
+  return lse;
+}
+
+// The one backward path of both entry points: writes dq, dk, dv (views in the inputs' layout).
+void run_attention_bwd(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& o, const at::Tensor& go, const at::Tensor& lse,
+                       const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const Dims& s,
+                       double scale) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd", [&] {
+    using A = acc_t<scalar_t>;
+    TORCH_CHECK(lse.scalar_type() == acc_dtype<scalar_t>(), op, ": lse must be ",
+                acc_dtype<scalar_t>(), ", got ", lse.scalar_type());
+    attention_bwd_kernel<scalar_t>(operand<scalar_t>(q), operand<scalar_t>(k), operand<scalar_t>(v),
+                                   operand<scalar_t>(o), operand<scalar_t>(go), lse.data_ptr<A>(),
+                                   operand<scalar_t>(dq), operand<scalar_t>(dk), operand<scalar_t>(dv), s,
+                                   static_cast<A>(scale));
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                 const at::Tensor& v_in, double scale) {
+  FASTVIT_BELOW_AUTOGRAD;
+  check_qkv(q_in, k_in, v_in, scale);
+  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
+  const Dims s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
+  at::Tensor out = at::empty({s.B, s.H, s.Nq, s.d}, q.options());
+  at::Tensor lse = run_attention_fwd(q, k, v, out, s, scale);
   return {out, lse};
 }
 
@@ -328,15 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
   at::Tensor dk = at::zeros({s.B, s.H, s.Nk, s.d}, q.options());
   at::Tensor dv = at::zeros({s.B, s.H, s.Nk, s.d}, q.options());
   if (s.B * s.H == 0 || s.Nq == 0 || s.Nk == 0 || s.d == 0) return {dq, dk, dv};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd", [&] {
-    using A = acc_t<scalar_t>;
-    TORCH_CHECK(lse.scalar_type() == acc_dtype<scalar_t>(), op, ": lse must be ",
-                acc_dtype<scalar_t>(), ", got ", lse.scalar_type());
-    attention_bwd_kernel<scalar_t>(operand<scalar_t>(q), operand<scalar_t>(k), operand<scalar_t>(v),
-                                   operand<scalar_t>(o), operand<scalar_t>(go), lse.data_ptr<A>(),
-                                   operand<scalar_t>(dq), operand<scalar_t>(dk), operand<scalar_t>(dv), s,
-                                   static_cast<A>(scale));
-  });
+  run_attention_bwd(op, q, k, v, o, go, lse, dq, dk, dv, s, scale);
   return {dq, dk, dv};
 }
 
@@ -350,18 +366,7 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& qkv_in
   // (B, N, H, d) -> (B, H, N, d) view of the output: rows of the result land in place.
   at::Tensor out_view = out.view({B, N, num_heads, d}).transpose(1, 2);
   const Dims s{B, num_heads, N, N, d};
-  at::Tensor lse;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "packed_attention_fwd", [&] {
-    using A = acc_t<scalar_t>;
-    lse = at::empty({B, num_heads, N}, qkv.options().dtype(acc_dtype<scalar_t>()));
-    if (d == 0) {  // empty dot products: every score is 0, a uniform softmax over the N keys
-      lse.fill_(std::log(static_cast<A>(N)));
-      return;
-    }
-    if (out.numel() == 0) return;
-    attention_fwd_kernel<scalar_t>(operand<scalar_t>(q), operand<scalar_t>(k), operand<scalar_t>(v),
-                                   operand<scalar_t>(out_view), lse.data_ptr<A>(), s, static_cast<A>(scale));
-  });
+  at::Tensor lse = run_attention_fwd(q, k, v, out_view, s, scale);
   return {out, lse};
 }
 
@@ -386,15 +391,7 @@ at::Tensor packed_attention_bwd(const at::Tensor& grad_out, const at::Tensor& qk
   if (dqkv.numel() == 0) return dqkv;
   auto [dq, dk, dv] = split_packed(dqkv, num_heads);
   const Dims s{B, num_heads, N, N, d};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "packed_attention_bwd", [&] {
-    using A = acc_t<scalar_t>;
-    TORCH_CHECK(lse.scalar_type() == acc_dtype<scalar_t>(), op, ": lse must be ",
-                acc_dtype<scalar_t>(), ", got ", lse.scalar_type());
-    attention_bwd_kernel<scalar_t>(operand<scalar_t>(q), operand<scalar_t>(k), operand<scalar_t>(v),
-                                   operand<scalar_t>(o), operand<scalar_t>(go), lse.data_ptr<A>(),
-                                   operand<scalar_t>(dq), operand<scalar_t>(dk), operand<scalar_t>(dv), s,
-                                   static_cast<A>(scale));
-  });
+  run_attention_bwd(op, q, k, v, o, go, lse, dq, dk, dv, s, scale);
   return dqkv;
 }
 
