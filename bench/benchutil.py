@@ -31,6 +31,34 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
 
 
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing large freed buffers back to the kernel (Linux/glibc only).
+
+    By default glibc serves multi-MB tensors with mmap or trims them off the heap when
+    freed, so the next call page-faults its output in again; whether that happens depends
+    on the allocation history, and it swung one op's time by up to 10x between identical
+    runs here (2-core VM), for eager and fastvit alike. Fixed thresholds keep freed memory
+    in the process, as jemalloc/tcmalloc (PyTorch's CPU tuning advice) do, so both sides
+    of every ratio are timed on resident memory. Returns whether the setting took.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or os.environ.get("FASTVIT_BENCH_DEFAULT_MALLOC") == "1":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        big = 1 << 30
+        return bool(libc.mallopt(m_trim_threshold, big)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False
+
+
+MALLOC_TUNED = keep_freed_memory()
+
+
 def sync() -> None:
     if ON_CUDA:
         torch.cuda.synchronize()
@@ -49,6 +77,8 @@ def measure(benchmark, fn, *, provider: str, group: str, flops: float | None = N
     benchmark.group = group
     benchmark.extra_info["provider"] = provider
     benchmark.extra_info["device"] = torch.cuda.get_device_name() if ON_CUDA else "cpu"
+    if not ON_CUDA:
+        benchmark.extra_info["malloc_tuned"] = MALLOC_TUNED
     result = {}
 
     def timed():
@@ -58,13 +88,13 @@ def measure(benchmark, fn, *, provider: str, group: str, flops: float | None = N
     if ON_CUDA:
         torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup)
-    mean = benchmark.stats.stats.mean
+    median = benchmark.stats.stats.median  # what bench/report.py compares, robust to stalled rounds
     if flops is not None:
-        benchmark.extra_info["tflops"] = flops / mean / 1e12
+        benchmark.extra_info["tflops"] = flops / median / 1e12
     if nbytes is not None:
-        benchmark.extra_info["gb_per_s"] = nbytes / mean / 1e9
+        benchmark.extra_info["gb_per_s"] = nbytes / median / 1e9
     if items is not None:
-        benchmark.extra_info["img_per_s"] = items / mean
+        benchmark.extra_info["img_per_s"] = items / median
     if ON_CUDA:
         benchmark.extra_info["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result.get("out")

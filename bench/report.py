@@ -5,8 +5,10 @@
 
 Follows the conventions of ``benchutil``: ``group`` names one comparison,
 ``extra_info["provider"]`` what was timed, ``"eager"`` is the baseline. The speedup of a
-provider is the eager mean time divided by its mean time, both from the same run and
-group (> 1: faster than eager). Derived figures (img/s, TFLOP/s, GB/s, peak memory)
+provider is the eager median time divided by its median time, both from the same run and
+group (> 1: faster than eager). Medians, not means: on a shared VM a few rounds stall
+(the host steals the CPU), and one stalled round moves a mean by more than the
+differences being measured. Derived figures (img/s, TFLOP/s, GB/s, peak memory)
 come from ``extra_info``. The output opens with the run's conditions (date, machine,
 commit), then a summary (one row per group, one column per provider), then a table per
 group.
@@ -49,6 +51,11 @@ def _provider(bench: dict) -> str:
     return (bench.get("extra_info") or {}).get("provider") or bench.get("name", "?")
 
 
+def _median(bench: dict) -> float:
+    stats = bench["stats"]
+    return stats.get("median", stats["mean"])
+
+
 def groups(data: dict) -> dict[str, list[dict]]:
     """Benchmarks by group, the baseline first, then fastest first; each with 'speedup'."""
     out: dict[str, list[dict]] = {}
@@ -57,9 +64,9 @@ def groups(data: dict) -> dict[str, list[dict]]:
     for name, rows in out.items():
         base = next((b for b in rows if _provider(b) == BASELINE), None)
         for bench in rows:
-            mean = bench["stats"]["mean"]
-            bench["speedup"] = base["stats"]["mean"] / mean if base and mean > 0 else None
-        rows.sort(key=lambda b: (_provider(b) != BASELINE, b["stats"]["mean"]))
+            median = _median(bench)
+            bench["speedup"] = _median(base) / median if base and median > 0 else None
+        rows.sort(key=lambda b: (_provider(b) != BASELINE, _median(b)))
     return dict(sorted(out.items()))
 
 
@@ -108,7 +115,7 @@ def render(data: dict) -> str:
                 providers.append(_provider(bench))
     providers.sort(key=lambda p: p != BASELINE)
     lines = ["# Benchmark report", "", *_conditions(data), "",
-             f"Speedup = mean time of `{BASELINE}` / mean time of the provider, same group, same run "
+             f"Speedup = median time of `{BASELINE}` / median time of the provider, same group, same run "
              "(higher is faster).", "",
              "## Summary: speedup vs eager", "",
              "| group | " + " | ".join(providers) + " |",

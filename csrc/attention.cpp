@@ -1,6 +1,6 @@
 // Non-causal scaled dot-product attention, flash style: parallel over (batch, head,
-// query block); each task multiplies its query block with blocks of keys using ATen's
-// GEMM on tile views (no copies for fp32/fp64: tiles are strided views of the inputs),
+// query block); each task multiplies its query block with blocks of keys by the BLAS GEMM
+// on raw tile pointers (blas.h; no copies for fp32/fp64: tiles are strided views of the inputs),
 // keeps a running max and sum (online softmax) so the N x N score matrix never exists,
 // and writes its rows of the output directly. The packed form reads q, k and v straight
 // from the qkv Linear's (B, N, 3, H, d) output and writes (B, N, H*d), so the model needs
@@ -10,6 +10,7 @@
 // Backward recomputes the probabilities from the saved log-sum-exp, per (batch, head):
 // dV += P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = dS K scale, dK += dS^T Q scale.
 #include "checks.h"
+#include "blas.h"
 #include "common.h"
 #include "ops.h"
 
@@ -33,23 +34,24 @@ struct Dims {
   int64_t B, H, Nq, Nk, d;
 };
 
-// A 2-D tensor over memory we own or were given; no copy, no ownership.
+// A row-major tile: base pointer and row stride (columns are contiguous).
 template <typename A>
-at::Tensor tile(const A* p, int64_t rows, int64_t cols, int64_t row_stride) {
-  return at::from_blob(const_cast<A*>(p), {rows, cols}, {row_stride, 1},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
-}
+struct Tile {
+  const A* ptr;
+  int64_t ld;
+  const A* row(int64_t i) const { return ptr + i * ld; }
+};
 
-// `rows` rows of an operand for (b, h), starting at row n0, as an acc_t tile: a view when
-// T is acc_t, else converted into buf (rows x d, contiguous).
+// `rows` rows of an operand for (b, h), starting at row n0, as an acc_t tile: the input
+// itself when T is acc_t, else converted into buf (rows x d, contiguous).
 template <typename T>
-at::Tensor rows_as_acc(const Operand<T>& x, int64_t b, int64_t h, int64_t n0, int64_t rows, int64_t d,
-                       acc_t<T>* buf) {
+Tile<acc_t<T>> rows_as_acc(const Operand<T>& x, int64_t b, int64_t h, int64_t n0, int64_t rows, int64_t d,
+                           acc_t<T>* buf) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
-    return tile<T>(x.row(b, h, n0), rows, d, x.sn);
+    return {x.row(b, h, n0), x.sn};
   } else {
     for (int64_t i = 0; i < rows; ++i) load_row(x.row(b, h, n0 + i), buf + i * d, d);
-    return tile<acc_t<T>>(buf, rows, d, d);
+    return {buf, d};
   }
 }
 
@@ -117,30 +119,23 @@ void attention_fwd_kernel(const Operand<T>& q, const Operand<T>& k, const Operan
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t bh = task / nqb, b = bh / s.H, h = bh % s.H;
       const int64_t i0 = (task % nqb) * qb, rows = std::min(qb, s.Nq - i0);
-      const at::Tensor Q = rows_as_acc(q, b, h, i0, rows, d, qbuf.data());
-      at::Tensor K, Vt;
-      if constexpr (kSame) {
-        K = tile<A>(k.row(b, h, 0), s.Nk, d, k.sn);
-        Vt = tile<A>(v.row(b, h, 0), s.Nk, d, v.sn);
-      } else {
-        if (cached_bh != bh) {
-          rows_as_acc(k, b, h, 0, s.Nk, d, kbuf.data());
-          rows_as_acc(v, b, h, 0, s.Nk, d, vbuf.data());
-          cached_bh = bh;
-        }
-        K = tile<A>(kbuf.data(), s.Nk, d, d);
-        Vt = tile<A>(vbuf.data(), s.Nk, d, d);
+      const Tile<A> Q = rows_as_acc(q, b, h, i0, rows, d, qbuf.data());
+      if (!kSame && cached_bh != bh) {
+        rows_as_acc(k, b, h, 0, s.Nk, d, kbuf.data());
+        rows_as_acc(v, b, h, 0, s.Nk, d, vbuf.data());
+        cached_bh = bh;
       }
+      const Tile<A> K = kSame ? Tile<A>{reinterpret_cast<const A*>(k.row(b, h, 0)), k.sn} : Tile<A>{kbuf.data(), d};
+      const Tile<A> V = kSame ? Tile<A>{reinterpret_cast<const A*>(v.row(b, h, 0)), v.sn} : Tile<A>{vbuf.data(), d};
       // fp32/fp64 with a single key block: accumulate straight into the output rows.
       const bool direct = kSame && one_kblock;
-      at::Tensor O = direct ? tile<A>(reinterpret_cast<A*>(o.row(b, h, i0)), rows, d, o.sn)
-                            : tile<A>(obuf.data(), rows, d, d);
+      A* O = direct ? reinterpret_cast<A*>(o.row(b, h, i0)) : obuf.data();
+      const int64_t ldo = direct ? o.sn : d;
       std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<A>::infinity());
       std::fill(l.begin(), l.begin() + rows, A(0));
       for (int64_t j0 = 0; j0 < s.Nk; j0 += kb) {
         const int64_t cols = std::min(kb, s.Nk - j0);
-        at::Tensor S = tile<A>(sbuf.data(), rows, cols, kb);
-        at::mm_out(S, Q, K.narrow(0, j0, cols).t());
+        gemm_rm<A>(false, true, rows, cols, d, A(1), Q.ptr, Q.ld, K.row(j0), K.ld, A(0), sbuf.data(), kb);
         for (int64_t i = 0; i < rows; ++i) {
           A* si = sbuf.data() + i * kb;
           const A m_new = std::max(m[i], row_max(si, cols) * scale);
@@ -154,12 +149,8 @@ void attention_fwd_kernel(const Operand<T>& q, const Operand<T>& k, const Operan
           }
           m[i] = m_new;
         }
-        const at::Tensor Vb = Vt.narrow(0, j0, cols);
-        if (j0 == 0) {
-          at::mm_out(O, S, Vb);
-        } else {
-          O.addmm_(S, Vb);
-        }
+        gemm_rm<A>(false, false, rows, d, cols, A(1), sbuf.data(), kb, V.row(j0), V.ld, j0 == 0 ? A(0) : A(1), O,
+                   ldo);
       }
       A* lse_row = lse + bh * s.Nq + i0;
       for (int64_t i = 0; i < rows; ++i) {
@@ -191,34 +182,31 @@ void attention_bwd_kernel(const Operand<T>& q, const Operand<T>& k, const Operan
     std::vector<A> dkbuf(s.Nk * d), dvbuf(s.Nk * d), pbuf(qb * kb), dpbuf(qb * kb), delta(qb);
     for (int64_t bh = t0; bh < t1; ++bh) {
       const int64_t b = bh / s.H, h = bh % s.H;
-      const at::Tensor K = rows_as_acc(k, b, h, 0, s.Nk, d, kbuf.data());
-      const at::Tensor V = rows_as_acc(v, b, h, 0, s.Nk, d, vbuf.data());
-      at::Tensor dK = tile<A>(dkbuf.data(), s.Nk, d, d).zero_();
-      at::Tensor dV = tile<A>(dvbuf.data(), s.Nk, d, d).zero_();
+      const Tile<A> K = rows_as_acc(k, b, h, 0, s.Nk, d, kbuf.data());
+      const Tile<A> V = rows_as_acc(v, b, h, 0, s.Nk, d, vbuf.data());
+      A* dK = dkbuf.data();  // Nk x d, contiguous
+      A* dV = dvbuf.data();
       for (int64_t i0 = 0; i0 < s.Nq; i0 += qb) {
         const int64_t rows = std::min(qb, s.Nq - i0);
-        const at::Tensor Q = rows_as_acc(q, b, h, i0, rows, d, qbuf.data());
-        const at::Tensor dO = rows_as_acc(dout, b, h, i0, rows, d, dobuf.data());
-        const at::Tensor O = rows_as_acc(o, b, h, i0, rows, d, obuf.data());
+        const Tile<A> Q = rows_as_acc(q, b, h, i0, rows, d, qbuf.data());
+        const Tile<A> dO = rows_as_acc(dout, b, h, i0, rows, d, dobuf.data());
+        const Tile<A> O = rows_as_acc(o, b, h, i0, rows, d, obuf.data());
         // delta_i = rowsum(dO_i * O_i)
         for (int64_t i = 0; i < rows; ++i) {
-          const A* a = dO.data_ptr<A>() + i * dO.stride(0);
-          const A* c = O.data_ptr<A>() + i * O.stride(0);
           delta[i] = at::vec::map2_reduce_all<A>([](Vec x, Vec y) { return x * y; },
-                                                 [](Vec x, Vec y) { return x + y; }, a, c, d);
+                                                 [](Vec x, Vec y) { return x + y; }, dO.row(i), O.row(i), d);
         }
-        at::Tensor dQ = tile<A>(dqbuf.data(), rows, d, d).zero_();
+        A* dQ = dqbuf.data();  // rows x d, contiguous
         const A* lse_row = lse + bh * s.Nq + i0;
         for (int64_t j0 = 0; j0 < s.Nk; j0 += kb) {
           const int64_t cols = std::min(kb, s.Nk - j0);
-          const at::Tensor Kb = K.narrow(0, j0, cols), Vb = V.narrow(0, j0, cols);
-          at::Tensor P = tile<A>(pbuf.data(), rows, cols, kb);
-          at::Tensor dP = tile<A>(dpbuf.data(), rows, cols, kb);
-          at::mm_out(P, Q, Kb.t());
-          at::mm_out(dP, dO, Vb.t());
+          A* P = pbuf.data();  // rows x cols, row stride kb
+          A* dP = dpbuf.data();
+          gemm_rm<A>(false, true, rows, cols, d, A(1), Q.ptr, Q.ld, K.row(j0), K.ld, A(0), P, kb);
+          gemm_rm<A>(false, true, rows, cols, d, A(1), dO.ptr, dO.ld, V.row(j0), V.ld, A(0), dP, kb);
           for (int64_t i = 0; i < rows; ++i) {
-            A* pi = pbuf.data() + i * kb;
-            A* dpi = dpbuf.data() + i * kb;
+            A* pi = P + i * kb;
+            A* dpi = dP + i * kb;
             exp_and_sum(pi, cols, scale, lse_row[i]);
             // dS = P * (dP - delta) * scale, into dP
             const Vec vdelta(delta[i]), vscale(scale);
@@ -228,10 +216,11 @@ void attention_bwd_kernel(const Operand<T>& q, const Operand<T>& k, const Operan
             }
             for (; j < cols; ++j) dpi[j] = pi[j] * (dpi[j] - delta[i]) * scale;
           }
-          at::Tensor dVb = dV.narrow(0, j0, cols), dKb = dK.narrow(0, j0, cols);
-          dVb.addmm_(P.t(), dO);
-          dKb.addmm_(dP.t(), Q);
-          dQ.addmm_(dP, Kb);
+          // The first product into each accumulator overwrites it (beta 0): no zero fill.
+          const A first_q = i0 == 0 ? A(0) : A(1);
+          gemm_rm<A>(true, false, cols, d, rows, A(1), P, kb, dO.ptr, dO.ld, first_q, dV + j0 * d, d);
+          gemm_rm<A>(true, false, cols, d, rows, A(1), dP, kb, Q.ptr, Q.ld, first_q, dK + j0 * d, d);
+          gemm_rm<A>(false, false, rows, d, cols, A(1), dP, kb, K.row(j0), K.ld, j0 == 0 ? A(0) : A(1), dQ, d);
         }
         for (int64_t i = 0; i < rows; ++i) store_row<T>(dqbuf.data() + i * d, dq.row(b, h, i0 + i), d);
       }

@@ -30,14 +30,18 @@ void layer_norm_fwd_kernel(const T* x, const T* residual, const acc_t<T>* weight
       const A* xr = row_as_acc(x + row * D, xa, D);
       if (residual != nullptr) {
         const A* rr = row_as_acc(residual + row * D, ya, D);
+        // fp32: the sum goes straight to its output row and is normalized from there (in L1).
+        A* sum = std::is_same_v<T, A> ? reinterpret_cast<A*>(sum_out + row * D) : xa;
         int64_t i = 0;
-        for (; i + V::size() <= D; i += V::size()) (V::loadu(xr + i) + V::loadu(rr + i)).store(xa + i);
-        for (; i < D; ++i) xa[i] = xr[i] + rr[i];
-        xr = xa;
-        store_row<T>(xa, sum_out + row * D, D);
-        // The sum is LayerNorm's input and is what backward recomputes x-hat from, so in
-        // bf16/fp16 normalize the rounded sum (as eager does), not the fp32 one.
-        if constexpr (!std::is_same_v<T, A>) load_row<T>(sum_out + row * D, xa, D);
+        for (; i + V::size() <= D; i += V::size()) (V::loadu(xr + i) + V::loadu(rr + i)).store(sum + i);
+        for (; i < D; ++i) sum[i] = xr[i] + rr[i];
+        xr = sum;
+        if constexpr (!std::is_same_v<T, A>) {
+          // The sum is LayerNorm's input and is what backward recomputes x-hat from, so in
+          // bf16/fp16 normalize the rounded sum (as eager does), not the fp32 one.
+          store_row<T>(xa, sum_out + row * D, D);
+          load_row<T>(sum_out + row * D, xa, D);
+        }
       }
       const A mean = row_sum(xr, D) / A(D);
       const A rstd = A(1) / std::sqrt(row_sq_dev(xr, mean, D) / A(D) + A(eps));

@@ -1,7 +1,8 @@
 // Operator schemas (TORCH_LIBRARY) and their CPU kernels (TORCH_LIBRARY_IMPL).
-// Autograd formulas and fake (meta) kernels are registered from Python, in
-// fastvit_kernels/_cpp.py, which set_python_module names so that torch finds them
-// even when this library is loaded on its own.
+// The autograd formulas are in autograd.cpp (the Autograd key). The fake (meta)
+// kernels are registered from Python, in fastvit_kernels/_cpp.py, which
+// set_python_module names so that torch finds them even when this library is loaded
+// on its own.
 #include <torch/library.h>
 
 #include "ops.h"

@@ -1,4 +1,4 @@
-"""The cpp backend: the C++ extension in ``csrc/``, its autograd formulas and fake kernels.
+"""The cpp backend: the C++ extension in ``csrc/`` and its fake kernels.
 
 Loading, in order:
 
@@ -22,7 +22,10 @@ the library's name, and a library is only loaded on a CPU that has its capabilit
 
 The C++ ops (``torch.ops.fastvit.*``) return what backward needs (LayerNorm statistics,
 the GELU pre-activation, attention's log-sum-exp); the functions in ``OPS`` have the
-public signatures and return only the public outputs.
+public signatures and return only the public outputs. Their autograd formulas are C++
+too (``csrc/autograd.cpp``): a Python autograd.Function around every call cost tens of
+microseconds. The fake kernels stay here, in Python (``set_python_module`` in
+``csrc/ops.cpp`` points torch here for them).
 """
 
 from __future__ import annotations
@@ -203,128 +206,10 @@ def _register_fakes() -> None:
         return qkv.new_empty(qkv.shape)
 
 
-# ------------------------------------------------------------------------------ autograd
-# The multi-output setups call ctx.set_materialize_grads(False): autograd then passes None
-# for outputs that got no gradient (the statistics, lse, the pre-activation, and
-# add_layer_norm's normalized output when only its sum is used) instead of allocating zeros
-# for them; the backwards make a zero tensor only where a C++ kernel needs a real one.
-def _zeros_if_none(grad, like):
-    return torch.zeros_like(like) if grad is None else grad
-
-
-def _register_autograd() -> None:
-    ops = torch.ops.fastvit
-    reg = torch.library.register_autograd
-
-    # LayerNorm ------------------------------------------------------------------------
-    def ln_setup(ctx, inputs, output):
-        x, weight, bias = inputs[0], inputs[1], inputs[2]
-        ctx.save_for_backward(x, weight, output[1], output[2])
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(output[1], output[2])
-        ctx.set_materialize_grads(False)
-
-    def ln_backward(ctx, grad_out, grad_mean, grad_rstd):
-        x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = ops.layer_norm_bwd(_zeros_if_none(grad_out, x), None, x, mean, rstd, weight)
-        return dx, dw if weight is not None else None, db if ctx.has_bias else None, None
-
-    reg("fastvit::layer_norm_fwd", ln_backward, setup_context=ln_setup)
-
-    def add_ln_setup(ctx, inputs, output):
-        _, _, weight, bias, _ = inputs
-        ctx.save_for_backward(output[1], weight, output[2], output[3])  # the sum is LayerNorm's input
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(output[2], output[3])
-        ctx.set_materialize_grads(False)
-
-    def add_ln_backward(ctx, grad_out, grad_sum, grad_mean, grad_rstd):
-        summed, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = ops.layer_norm_bwd(_zeros_if_none(grad_out, summed), grad_sum, summed, mean, rstd, weight)
-        return dx, dx, dw if weight is not None else None, db if ctx.has_bias else None, None
-
-    reg("fastvit::add_layer_norm_fwd", add_ln_backward, setup_context=add_ln_setup)
-
-    # Linear + GELU --------------------------------------------------------------------
-    def lg_setup(ctx, inputs, output):
-        x, weight, bias, approximate = inputs
-        ctx.save_for_backward(x, weight, output[1])
-        ctx.has_bias, ctx.approximate = bias is not None, approximate
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)
-
-    def lg_backward(ctx, grad_out, grad_pre):
-        x, weight, pre = ctx.saved_tensors
-        dx, dw, db = ops.linear_gelu_bwd(_zeros_if_none(grad_out, pre), pre, x, weight, ctx.approximate)
-        return dx, dw, db if ctx.has_bias else None, None
-
-    reg("fastvit::linear_gelu_fwd", lg_backward, setup_context=lg_setup)
-
-    # The inference op, if differentiated anyway, recomputes the pre-activation.
-    def lg_inf_setup(ctx, inputs, output):
-        x, weight, bias, approximate = inputs
-        ctx.save_for_backward(x, weight, bias)
-        ctx.approximate = approximate
-
-    def lg_inf_backward(ctx, grad_out):
-        x, weight, bias = ctx.saved_tensors
-        pre = torch.nn.functional.linear(x, weight, bias)
-        dx, dw, db = ops.linear_gelu_bwd(grad_out, pre, x, weight, ctx.approximate)
-        return dx, dw, db if bias is not None else None, None
-
-    reg("fastvit::linear_gelu", lg_inf_backward, setup_context=lg_inf_setup)
-
-    # Patch embedding ------------------------------------------------------------------
-    def pe_setup(ctx, inputs, output):
-        images, weight, bias, pos_embed, cls_token = inputs
-        ctx.save_for_backward(images, weight)
-        ctx.has_bias = bias is not None
-        ctx.pos_shape = pos_embed.shape
-        ctx.cls_shape = None if cls_token is None else cls_token.shape
-
-    def pe_backward(ctx, grad_out):
-        images, weight = ctx.saved_tensors
-        has_cls = ctx.cls_shape is not None
-        dimages, dw, db, dpos, dcls = ops.patch_embed_bwd(grad_out, images, weight, has_cls,
-                                                          ctx.needs_input_grad[0])
-        return (dimages if ctx.needs_input_grad[0] else None, dw, db if ctx.has_bias else None,
-                dpos.reshape(ctx.pos_shape), dcls.reshape(ctx.cls_shape) if has_cls else None)
-
-    reg("fastvit::patch_embed", pe_backward, setup_context=pe_setup)
-
-    # Attention --------------------------------------------------------------------------
-    def at_setup(ctx, inputs, output):
-        q, k, v, scale = inputs
-        ctx.save_for_backward(q, k, v, output[0], output[1])
-        ctx.scale = scale
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)
-
-    def at_backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ops.attention_bwd(_zeros_if_none(grad_out, out), q, k, v, out, lse, ctx.scale)
-        return dq, dk, dv, None
-
-    reg("fastvit::attention_fwd", at_backward, setup_context=at_setup)
-
-    def pa_setup(ctx, inputs, output):
-        qkv, num_heads, scale = inputs
-        ctx.save_for_backward(qkv, output[0], output[1])
-        ctx.num_heads, ctx.scale = num_heads, scale
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)
-
-    def pa_backward(ctx, grad_out, grad_lse):
-        qkv, out, lse = ctx.saved_tensors
-        dqkv = ops.packed_attention_bwd(_zeros_if_none(grad_out, out), qkv, out, lse, ctx.num_heads, ctx.scale)
-        return dqkv, None, None
-
-    reg("fastvit::packed_attention_fwd", pa_backward, setup_context=pa_setup)
-
-
 # ------------------------------------------------------------------- public signatures
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_grad(x, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
 
 
 def _default_scale(head_dim: int) -> float:
@@ -383,7 +268,6 @@ def _init() -> None:
                       RuntimeWarning, stacklevel=3)
         raise ImportError(UNAVAILABLE_REASON) from exc
     _register_fakes()
-    _register_autograd()
     OPS.update(_PUBLIC)
 
 

@@ -70,6 +70,16 @@ class _Loaded:
 _loaded: dict[str, _Loaded] = {}
 _stack: list[str] = []  # innermost backend(...) choice last
 
+# What resolve() decided per (choice, op, device), so that a call in eager mode skips the
+# backend checks. Only what does not depend on the arguments is kept: the backends that
+# could run the op, in order, each (name, implementation, SUPPORTS predicate or None) --
+# the predicates read the arguments, so they run on every call -- and the _Loaded entries
+# the decision read: a route whose entries were since replaced is rebuilt. The decision
+# depends on the device's type only; the key is the device because hashing it costs less
+# than reading its type. (TRITON_INTERPRET, which decides where triton runs, must be set
+# before triton is imported anyway, so a route never outlives it.)
+_routes: dict[tuple[str, str, torch.device], tuple] = {}
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -120,6 +130,8 @@ def available_backends() -> dict[str, BackendInfo]:
 
 
 def _check_choice(name: str) -> str:
+    if name in CHOICES:
+        return name
     if not isinstance(name, str) or name.lower() not in CHOICES:
         raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(CHOICES)}")
     return name.lower()
@@ -156,8 +168,8 @@ def _auto_order(device: torch.device) -> tuple[str, ...]:
     return ("torch",)
 
 
-def _why_not(name: str, op: str, device: torch.device, args, kwargs) -> str:
-    """Why backend ``name`` cannot run this call, or "" if it can."""
+def _unavailable(name: str, op: str, device: torch.device) -> str:
+    """Why backend ``name`` cannot run ``op`` on ``device`` whatever the arguments, or ""."""
     loaded = _load(name)
     if loaded.reason:
         return f"backend {name!r} is unavailable ({loaded.reason})"
@@ -166,22 +178,59 @@ def _why_not(name: str, op: str, device: torch.device, args, kwargs) -> str:
         return f"backend {name!r} runs on {'/'.join(_devices(name))} tensors, got {device.type} tensors{hint}"
     if op not in loaded.ops:
         return f"backend {name!r} does not implement {op!r} yet"
-    check = loaded.supports.get(op)
-    reason = check(*args, **kwargs) if check is not None else None
+    return ""
+
+
+def _unsupported(name: str, op: str, check: Callable, args, kwargs) -> str:
+    """Why backend ``name``'s SUPPORTS predicate ``check`` rejects this call, or ""."""
+    reason = check(*args, **kwargs)
     return f"backend {name!r} cannot run this {op!r} call: {reason}" if reason else ""
+
+
+def _route(choice: str, op: str, device: torch.device) -> tuple[tuple, tuple]:
+    """The backends that could run ``op`` on ``device`` when ``choice`` is requested:
+    ((name, _Loaded) entries read, candidates (name, implementation, predicate or None))."""
+    read, candidates = [], []
+    for name in _auto_order(device) if choice == "auto" else (choice,):
+        read.append((name, _load(name)))
+        if not _unavailable(name, op, device):
+            candidates.append((name, _loaded[name].ops[op], _loaded[name].supports.get(op)))
+    return tuple(read), tuple(candidates)
+
+
+def _cached_candidates(choice: str, op: str, device: torch.device) -> tuple:
+    """``_route``'s candidates, from ``_routes`` while the entries it read are current."""
+    key = (choice, op, device)
+    route = _routes.get(key)
+    if route is not None:
+        for name, loaded in route[0]:
+            if _loaded.get(name) is not loaded:
+                break
+        else:
+            return route[1]
+    route = _routes[key] = _route(choice, op, device)
+    return route[1]
 
 
 def resolve(op: str, device: torch.device, *args, **kwargs) -> tuple[str, Callable]:
     """(backend name, implementation) that will run ``op`` on ``device`` for these args."""
     choice = requested_backend()
-    if choice != "auto":
-        reason = _why_not(choice, op, device, args, kwargs)
-        if reason:
+    if torch.compiler.is_compiling():
+        # Traced once per graph, where a lookup in the cache (and filling it) would only
+        # add guards and side effects: decide afresh.
+        candidates = _route(choice, op, device)[1]
+    else:
+        candidates = _cached_candidates(choice, op, device)
+    for name, impl, check in candidates:
+        if check is None:
+            return name, impl
+        reason = _unsupported(name, op, check, args, kwargs)
+        if not reason:
+            return name, impl
+        if choice != "auto":
             raise BackendUnavailableError(reason)
-        return choice, _loaded[choice].ops[op]
-    for name in _auto_order(device):
-        if not _why_not(name, op, device, args, kwargs):
-            return name, _loaded[name].ops[op]
+    if choice != "auto":  # no candidate: the backend cannot run this op on this device at all
+        raise BackendUnavailableError(_unavailable(choice, op, device))
     raise BackendUnavailableError(f"no backend can run {op!r} on {device.type}")  # torch always can
 
 

@@ -287,6 +287,48 @@ def test_cpp_ops_reject_bad_input_with_clear_messages():
         ops.attention_fwd(*(torch.ones(1, 1, 2, 4, dtype=torch.int32),) * 3, 1.0)
 
 
+# -------------------------------------------------------- autograd (csrc/autograd.cpp)
+@needs_cpp
+def test_gradients_with_absent_and_frozen_inputs():
+    # Autograd numbers only the tensor inputs that are present (an absent weight or bias
+    # is no input to it) when it says which inputs need a gradient: an input missing in
+    # front of a present one, or a frozen one, must not shift gradients onto other inputs.
+    check("layer_norm", [_leaf(2, 9, 40), None, _leaf(40)], 1e-6)
+    check("layer_norm", [rand(2, 9, 40), None, _leaf(40)], 1e-6)
+    check("add_layer_norm", [_leaf(2, 9, 40), rand(2, 9, 40), None, _leaf(40)], 1e-6)
+    check("linear_gelu", [_leaf(2, 9, 40), rand(24, 40, std=0.1), _leaf(24)], "tanh")
+    check("patch_embed", [rand(2, 3, 32, 32), _leaf(24, 3, 16, 16, std=0.1), None, _leaf(5, 24), _leaf(1, 1, 24)])
+    check("packed_attention", [_leaf(1, 9, 3 * 2 * 8)], 2)
+
+
+@needs_cpp
+def test_autograd_formulas_are_the_cpp_ones():
+    # Registered in C++ (a Python autograd.Function around every call cost tens of
+    # microseconds), so the graph holds C++ nodes.
+    x, w = _leaf(2, 9, 40), _leaf(40)
+    with fk.backend("cpp"):
+        outs = [fk.layer_norm(x, w, None), *fk.add_layer_norm(x, x, w, None), fk.linear_gelu(x, _leaf(8, 40), None),
+                fk.patch_embed(_leaf(1, 3, 8, 8), _leaf(4, 3, 4, 4), None, _leaf(4, 4)),
+                fk.attention(*[_leaf(1, 2, 5, 8)] * 3), fk.packed_attention(_leaf(1, 5, 24), 2),
+                torch.ops.fastvit.linear_gelu(x, _leaf(8, 40), None, "none")]
+    for out in outs:
+        assert type(out.grad_fn).__name__ == "CppFunction", out.grad_fn
+
+
+@needs_cpp
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_linear_gelu_differentiated_anyway(bias):
+    # The inference op keeps no pre-activation; its backward recomputes it.
+    x, w, b = _leaf(2, 9, 40), _leaf(24, 40, std=0.1), _leaf(24) if bias else None
+    grad = rand(2, 9, 24)
+    fast = torch.autograd.grad(torch.ops.fastvit.linear_gelu(x, w, b, "tanh"), [t for t in (x, w, b) if t is not None],
+                               grad)
+    hi = upcast(x, w, b)
+    ref = torch.autograd.grad(reference.linear_gelu(*hi, "tanh"), [t for t in hi if t is not None], upcast(grad))
+    for name, f, r in zip(("x", "weight", "bias"), fast, ref):
+        assert_parity(f"linear_gelu (inference op) grad of {name}", f, r)
+
+
 # ------------------------------------------------------------- opcheck and torch.compile
 def _opcheck_cases():
     def g(*shape, dtype=torch.float32):

@@ -46,6 +46,43 @@ def test_explicit_unavailable_backend_raises(monkeypatch):
         torch.testing.assert_close(fk.layer_norm(x, None, None), F.layer_norm(x, (8,), eps=1e-6))
 
 
+def test_dispatch_decisions_follow_backend_changes_and_supports(monkeypatch):
+    """resolve() remembers its decision per (choice, op, device), but a backend swapped in
+    or out later still counts, and a backend's SUPPORTS predicate still sees every call."""
+    from fastvit_kernels import _dispatch
+
+    calls = []
+
+    def fake_layer_norm(x, weight, bias, eps):
+        calls.append(tuple(x.shape))
+        return reference.layer_norm(x, weight, bias, eps)
+
+    def even_batches_only(x, weight, bias, eps):
+        return "odd batch" if x.shape[0] % 2 else None
+
+    even, odd = torch.randn(2, 8), torch.randn(3, 8)
+    real = "cpp" if fk.available_backends()["cpp"].available else "torch"
+    with fk.backend("auto"):
+        assert fk.resolved_backend("layer_norm", "cpu") == real  # decided, and remembered
+        monkeypatch.setitem(_dispatch._loaded, "cpp",
+                            _dispatch._Loaded({"layer_norm": fake_layer_norm}, {"layer_norm": even_batches_only}))
+        for _ in range(2):  # the second round from the remembered decision
+            assert fk.resolved_backend("layer_norm", "cpu", even, None, None, 1e-6) == "cpp"
+            assert fk.resolved_backend("layer_norm", "cpu", odd, None, None, 1e-6) == "torch"
+            fk.layer_norm(even, None, None)
+            fk.layer_norm(odd, None, None)
+    assert calls == [(2, 8), (2, 8)]
+    with fk.backend("cpp"):
+        for _ in range(2):
+            fk.layer_norm(even, None, None)
+            with pytest.raises(fk.BackendUnavailableError, match="'cpp' cannot run this 'layer_norm' call: odd batch"):
+                fk.layer_norm(odd, None, None)
+    assert calls == [(2, 8)] * 4
+    monkeypatch.undo()
+    with fk.backend("auto"):
+        assert fk.resolved_backend("layer_norm", "cpu") == real
+
+
 def _cpu_backends():
     return [n for n, i in fk.available_backends().items() if i.available and "cpu" in i.devices]
 
