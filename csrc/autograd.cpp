@@ -75,60 +75,59 @@ class Grads {
 };
 
 // LayerNorm ---------------------------------------------------------------------------
+// Both norms save (LayerNorm's input, weight, mean, rstd) and share one backward; for
+// add_layer_norm the input is the sum x + residual, whose gradient reaches both.
+void save_norm(AutogradContext* ctx, const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+               const Tensor& mean, const Tensor& rstd) {
+  ctx->save_for_backward({input, weight.value_or(Tensor()), mean, rstd});
+  ctx->saved_data["has_bias"] = present(bias);
+  ctx->mark_non_differentiable({mean, rstd});
+  ctx->set_materialize_grads(false);
+}
+
+// `summands` is how many forward arguments were added up into LayerNorm's input (1 or 2);
+// grad_sum is the gradient of add_layer_norm's sum output, if any.
+variable_list norm_backward(AutogradContext* ctx, const Tensor& grad_out, const OptionalTensor& grad_sum,
+                            int summands) {
+  const variable_list saved = ctx->get_saved_variables();
+  const Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
+  auto [dx, dweight, dbias] = op<&layer_norm_bwd>("fastvit::layer_norm_bwd")
+                                  .call(or_zeros(grad_out, input), grad_sum, input, mean, rstd, as_optional(weight));
+  Grads grads(ctx);
+  for (int i = 0; i < summands; ++i) grads.tensor(dx);
+  return grads.optional(weight.defined(), dweight)
+      .optional(ctx->saved_data["has_bias"].toBool(), dbias)
+      .none()
+      .done();
+}
+
 struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptionalTensor& weight,
                                const OptionalTensor& bias, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, mean, rstd] = op<&layer_norm_fwd>("fastvit::layer_norm_fwd").call(x, weight, bias, eps);
-    ctx->save_for_backward({x, weight.value_or(Tensor()), mean, rstd});
-    ctx->saved_data["has_bias"] = present(bias);
-    ctx->mark_non_differentiable({mean, rstd});
-    ctx->set_materialize_grads(false);
+    save_norm(ctx, x, weight, bias, mean, rstd);
     return {out, mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
-    auto [dx, dweight, dbias] = op<&layer_norm_bwd>("fastvit::layer_norm_bwd")
-                                    .call(or_zeros(grads[0], x), std::nullopt, x, mean, rstd, as_optional(weight));
-    return Grads(ctx)
-        .tensor(dx)
-        .optional(weight.defined(), dweight)
-        .optional(ctx->saved_data["has_bias"].toBool(), dbias)
-        .none()
-        .done();
+    return norm_backward(ctx, grads[0], std::nullopt, 1);
   }
 };
 
-// Outputs (normed, x + residual, mean, rstd). LayerNorm's input is the sum, so backward
-// needs only the sum; its gradient reaches x and residual alike.
+// Outputs (normed, x + residual, mean, rstd).
 struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& residual,
                                const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, summed, mean, rstd] =
         op<&add_layer_norm_fwd>("fastvit::add_layer_norm_fwd").call(x, residual, weight, bias, eps);
-    ctx->save_for_backward({summed, weight.value_or(Tensor()), mean, rstd});
-    ctx->saved_data["has_bias"] = present(bias);
-    ctx->mark_non_differentiable({mean, rstd});
-    ctx->set_materialize_grads(false);
+    save_norm(ctx, summed, weight, bias, mean, rstd);
     return {out, summed, mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor &summed = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
-    auto [dx, dweight, dbias] =
-        op<&layer_norm_bwd>("fastvit::layer_norm_bwd")
-            .call(or_zeros(grads[0], summed), as_optional(grads[1]), summed, mean, rstd, as_optional(weight));
-    return Grads(ctx)
-        .tensor(dx)
-        .tensor(dx)
-        .optional(weight.defined(), dweight)
-        .optional(ctx->saved_data["has_bias"].toBool(), dbias)
-        .none()
-        .done();
+    return norm_backward(ctx, grads[0], as_optional(grads[1]), 2);
   }
 };
 

@@ -17,13 +17,15 @@ bool parse_approximate(c10::string_view approximate) {
 }
 
 // One row of the pre-activation: adds the bias when given (writing the biased row back to
-// pre, which backward needs, unless pre is out), then out = GELU(pre).
+// pre, which backward needs, unless pre is out), then out = GELU(pre). A bias only comes
+// with fp32/fp64 rows (see linear_gelu_impl), which are read and written in place.
 template <typename T>
 void gelu_row(T* pre, const acc_t<T>* bias, T* out, int64_t n, bool tanh_approx, acc_t<T>* buf) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
+  if constexpr (!std::is_same_v<T, A>) TORCH_INTERNAL_ASSERT(bias == nullptr, "gelu_row: bias on a reduced type");
   const A* src = row_as_acc(pre, buf, n);
-  A* biased = std::is_same_v<T, A> ? reinterpret_cast<A*>(pre) : buf;
+  A* biased = reinterpret_cast<A*>(pre);  // only written when T is A (bias != nullptr)
   A* dst = std::is_same_v<T, A> ? reinterpret_cast<A*>(out) : buf;
   int64_t i = 0;
   for (; i + V::size() <= n; i += V::size()) {
