@@ -1,8 +1,10 @@
-"""``fastvit train`` (vit.train): convergence, parity, torchrun, exact resume, faults.
+"""``fastvit train`` (vit.tools.train): convergence, parity, torchrun, exact resume, faults.
 
 Runs on CPU. Tiny models and ``--threads 1`` (on a busy 2-core machine one thread is
 several times faster than two for these sizes). The longest tests are marked ``slow``.
 Subprocesses run without TRITON_INTERPRET: training never uses the Triton interpreter.
+Killed runs are started under ``kill_at_step.py``, which SIGKILLs them when a given step
+begins: the production loop has no test hook.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ import pytest
 import torch
 
 import vit
-from vit import checkpoint as ckpt
-from vit import data as vdata
-from vit import train
+from vit import weights as weights_io
+from vit.tools import data as vdata
+from vit.tools import train
+from vit.tools.train import args as train_args
+from vit.tools.train import schedule
+from vit.tools.train.state import STATE_FILE, WEIGHTS_FILE, find_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+KILL_AT_STEP = Path(__file__).with_name("kill_at_step.py")
 QUIET = ["--threads", "1", "--progress", "none"]
 # The digits recipe the convergence tests use (vit_digits preset: 16x16 gray, patch 4).
 DIGITS = ["--model", "vit_digits", "--steps", "400", "--lr", "2e-3", "--eval-every", "0", "--ckpt-every", "0"]
@@ -47,24 +53,27 @@ def summary(out: Path) -> dict:
 def env() -> dict:
     e = dict(os.environ)
     e.pop("TRITON_INTERPRET", None)  # never train under the interpreter
-    e.pop(train.SIGKILL_ENV, None)
     e["OMP_NUM_THREADS"] = "1"
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     return e
 
 
-def subprocess_train(*args: str, extra_env: dict | None = None, torchrun: int = 0,
+def subprocess_train(*args: str, kill_at: int | None = None, torchrun: int = 0,
                      timeout: float = 300) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "vit.train"]
+    """``fastvit train`` in a new process (or ``torchrun`` processes); with ``kill_at`` each
+    process is SIGKILLed when step ``kill_at`` begins (after step ``kill_at``'s state was saved)."""
+    target = ["-m", "vit.tools.train"] if kill_at is None else [str(KILL_AT_STEP), str(kill_at)]
     if torchrun:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={torchrun}", "-m", "vit.train"]
-    return subprocess.run([*launcher, *QUIET, *args], cwd=ROOT, env={**env(), **(extra_env or {})},
+                    f"--nproc_per_node={torchrun}", *target]
+    else:
+        launcher = [sys.executable, *target]
+    return subprocess.run([*launcher, *QUIET, *args], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
 def digits_accuracy(weights: Path) -> float:
-    """Top-1 of the saved weights on the digits test split, computed independently of train.py."""
+    """Top-1 of the saved weights on the digits test split, computed independently of the trainer."""
     model = vit.from_pretrained(weights).eval()
     _, test = vdata.load_digits(model.config.in_chans, model.config.img_hw)
     with torch.no_grad():
@@ -157,7 +166,7 @@ def test_torchrun_fsdp_matches_one_process_and_resumes(tmp_path):
     args = ["--no-fast", "--steps", "8", "--log-every", "1", "--eval-every", "0", "--batch-size", "32"]
     assert run(tmp_path / "single", *args, "--ckpt-every", "0") == 0
     proc = subprocess_train(*args, "--out", str(tmp_path / "fsdp"), "--fsdp", "--ckpt-every", "4",
-                            torchrun=2, extra_env={train.SIGKILL_ENV: "6"})
+                            torchrun=2, kill_at=6)
     assert proc.returncode != 0 and "FSDP2 x2" in proc.stdout
     proc = subprocess_train("--resume", str(tmp_path / "fsdp"), torchrun=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -166,8 +175,8 @@ def test_torchrun_fsdp_matches_one_process_and_resumes(tmp_path):
     worst = max(abs(single[s] - fsdp[s]) / abs(single[s]) for s in single)
     print(f"\ntorchrun x2 FSDP2 (killed at 6, resumed from 4) vs 1 process: max relative loss diff {worst:.2e}")
     assert worst <= 1e-4
-    a = ckpt.load(tmp_path / "single" / "model.safetensors")
-    b = ckpt.load(tmp_path / "fsdp" / "model.safetensors")
+    a = weights_io.load(tmp_path / "single" / "model.safetensors")
+    b = weights_io.load(tmp_path / "fsdp" / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
@@ -183,11 +192,11 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
     proc = subprocess_train(*args, "--out", str(tmp_path / "full"))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    proc = subprocess_train(*args, "--out", str(tmp_path / "killed"), extra_env={train.SIGKILL_ENV: "17"})
+    proc = subprocess_train(*args, "--out", str(tmp_path / "killed"), kill_at=17)
     assert proc.returncode == -9, (proc.returncode, proc.stderr[-3000:])  # SIGKILL: no cleanup ran
     assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step_00000010"
     assert not (tmp_path / "killed" / "model.safetensors").exists()
-    state = torch.load(tmp_path / "killed" / "checkpoints" / "step_00000010" / train.STATE_FILE,
+    state = torch.load(tmp_path / "killed" / "checkpoints" / "step_00000010" / STATE_FILE,
                        weights_only=True)
     assert state["step"] == 10 and state["batch_in_epoch"] == 10
 
@@ -195,8 +204,8 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps 10->30" in proc.stdout
 
-    full = ckpt.load(tmp_path / "full" / "model.safetensors")
-    resumed = ckpt.load(tmp_path / "killed" / "model.safetensors")
+    full = weights_io.load(tmp_path / "full" / "model.safetensors")
+    resumed = weights_io.load(tmp_path / "killed" / "model.safetensors")
     assert full.keys() == resumed.keys()
     different = [k for k in full if not torch.equal(full[k], resumed[k])]
     assert not different, f"weights differ after resume: {different}"
@@ -216,20 +225,20 @@ def test_corrupted_checkpoint_is_reported_and_nothing_is_lost(tmp_path, capsys):
     assert _short_run(tmp_path) == 0
     step4 = tmp_path / "checkpoints" / "step_00000004"
     good = (tmp_path / "model.safetensors").read_bytes()
-    blob = (step4 / train.WEIGHTS_FILE).read_bytes()
-    (step4 / train.WEIGHTS_FILE).write_bytes(blob[: len(blob) // 2])  # a torn file
+    blob = (step4 / WEIGHTS_FILE).read_bytes()
+    (step4 / WEIGHTS_FILE).write_bytes(blob[: len(blob) // 2])  # a torn file
     capsys.readouterr()
     assert run(tmp_path, "--resume", str(tmp_path)) == 1
     err = capsys.readouterr().err
     assert "corrupted" in err and "model.safetensors" in err and "an older checkpoint remains" in err, err
-    (step4 / train.WEIGHTS_FILE).write_bytes(blob)
-    (step4 / train.STATE_FILE).write_bytes(os.urandom(300))
+    (step4 / WEIGHTS_FILE).write_bytes(blob)
+    (step4 / STATE_FILE).write_bytes(os.urandom(300))
     assert run(tmp_path, "--resume", str(step4)) == 1
     err = capsys.readouterr().err
-    assert "corrupted" in err and train.STATE_FILE in err, err
+    assert "corrupted" in err and STATE_FILE in err, err
     # The failed resumes touched nothing: the other checkpoint and the final weights remain.
     assert (tmp_path / "model.safetensors").read_bytes() == good
-    assert (tmp_path / "checkpoints" / "step_00000002" / train.STATE_FILE).is_file()
+    assert (tmp_path / "checkpoints" / "step_00000002" / STATE_FILE).is_file()
 
 
 def test_mismatched_checkpoint_is_reported(tmp_path, capsys):
@@ -240,7 +249,7 @@ def test_mismatched_checkpoint_is_reported(tmp_path, capsys):
     assert "checkpoint mismatch" in err and "--embed-dim" in err, err
     # Weights from another step than the training state (e.g. files mixed by hand).
     step2, step4 = (tmp_path / "checkpoints" / f"step_0000000{i}" for i in (2, 4))
-    (step4 / train.WEIGHTS_FILE).write_bytes((step2 / train.WEIGHTS_FILE).read_bytes())
+    (step4 / WEIGHTS_FILE).write_bytes((step2 / WEIGHTS_FILE).read_bytes())
     assert run(tmp_path, "--resume", str(step4)) == 1
     err = capsys.readouterr().err
     assert "checkpoint mismatch" in err and "step 2" in err, err
@@ -277,25 +286,25 @@ def test_latest_naming_a_missing_directory_falls_back_to_the_newest_complete_one
     for name in ("step_00000002", "step_00000004", "step_00000006"):
         (root / name).mkdir(parents=True)
         if name != "step_00000006":  # 6 is incomplete (no training state)
-            (root / name / train.STATE_FILE).write_bytes(b"x")
+            (root / name / STATE_FILE).write_bytes(b"x")
     (root / "latest").write_text("step_00000008\n")
-    assert train.find_checkpoint(tmp_path) == root / "step_00000004"
+    assert find_state(tmp_path) == root / "step_00000004"
     assert "step_00000008" in capsys.readouterr().err
     (root / "latest").write_text("step_00000004\n")
-    assert train.find_checkpoint(tmp_path) == root / "step_00000004"
+    assert find_state(tmp_path) == root / "step_00000004"
     for name in ("step_00000002", "step_00000004"):
-        (root / name / train.STATE_FILE).unlink()
+        (root / name / STATE_FILE).unlink()
     with pytest.raises(train.TrainError, match="no other complete checkpoint"):
-        train.find_checkpoint(tmp_path)
+        find_state(tmp_path)
 
 
 @pytest.mark.parametrize("amp", ["none", "fp16"])
 def test_non_finite_loss_skips_steps_then_stops(tmp_path, capsys, amp):
-    base, overrides = train.TRAIN_PRESETS["vit_digits"]
+    base, overrides = train_args.TRAIN_PRESETS["vit_digits"]
     model = vit.ViT(vit.get_config(base, **overrides, num_classes=10))
     state = model.state_dict()
     state["head.weight"] = torch.full_like(state["head.weight"], float("nan"))
-    ckpt.save(state, tmp_path / "nan.safetensors")
+    weights_io.save(state, tmp_path / "nan.safetensors")
     out = tmp_path / "out"
     code = run(out, "--no-fast", "--init", str(tmp_path / "nan.safetensors"), "--amp", amp, "--steps", "20",
                "--max-bad-steps", "3", "--log-every", "1", "--batch-size", "16", "--ckpt-every", "0")
@@ -345,11 +354,11 @@ def test_image_folder_resume_with_dropout_is_exact_with_the_fast_model(tmp_path)
     assert run(tmp_path / "full", *args) == 0
     assert summary(tmp_path / "full")["fast"] is True
     assert run(tmp_path / "resumed", "--resume", str(tmp_path / "full" / "checkpoints" / "step_00000002")) == 0
-    full = ckpt.load(tmp_path / "full" / "model.safetensors")
-    resumed = ckpt.load(tmp_path / "resumed" / "model.safetensors")
+    full = weights_io.load(tmp_path / "full" / "model.safetensors")
+    resumed = weights_io.load(tmp_path / "resumed" / "model.safetensors")
     assert full.keys() == resumed.keys()
     assert not [k for k in full if not torch.equal(full[k], resumed[k])]  # step 2 is mid-epoch (5 per epoch)
-    labels = json.loads(ckpt.load_metadata(tmp_path / "full" / "model.safetensors")["id2label"])
+    labels = json.loads(weights_io.load_metadata(tmp_path / "full" / "model.safetensors")["id2label"])
     assert labels == {"0": "class0", "1": "class1"}
 
 
@@ -366,7 +375,7 @@ def test_image_transforms_shapes_and_determinism():
 
 def test_image_folder_eval_is_the_predict_recipe(tmp_path):
     """The eval split is preprocessed exactly as ``fastvit predict`` preprocesses a file."""
-    from vit.preprocess import default_preprocess, load_image
+    from vit.tools.preprocess import default_preprocess, load_image
 
     _write_images(tmp_path / "images", classes=2, per_class=3)
     for in_chans in (1, 3):
@@ -392,7 +401,7 @@ def test_batches_shard_one_global_batch():
 
 def test_weight_decay_skips_norms_biases_pos_embed_and_cls_token():
     model = vit.ViT(vit.get_config("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=5))
-    decay, no_decay = train.param_groups(model, 0.05)
+    decay, no_decay = schedule.param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
@@ -403,7 +412,7 @@ def test_weight_decay_skips_norms_biases_pos_embed_and_cls_token():
 
 
 def test_warmup_cosine_schedule():
-    sched = train.WarmupCosine(peak=1e-3, floor=1e-5, warmup=10, total=110)
+    sched = schedule.WarmupCosine(peak=1e-3, floor=1e-5, warmup=10, total=110)
     assert sched.lr(0) == pytest.approx(1e-4)
     assert sched.lr(9) == pytest.approx(1e-3)
     assert sched.lr(60) == pytest.approx((1e-3 + 1e-5) / 2)
