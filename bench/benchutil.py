@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from vit.tools.bench.timing import sync
+
 if not torch.cuda.is_available():
     # Triton kernels only run on CPU under the interpreter, which is far too slow to
     # benchmark: CPU benchmarks measure the cpp and torch backends.
@@ -57,11 +59,6 @@ def keep_freed_memory() -> bool:
 
 
 MALLOC_TUNED = keep_freed_memory()
-
-
-def sync() -> None:
-    if ON_CUDA:
-        torch.cuda.synchronize()
 
 
 def measure(benchmark, fn, *, provider: str, group: str, flops: float | None = None,

@@ -12,7 +12,7 @@ ViT-S/16 shapes, batch 8, fp32: images 8x3x224x224, 197 tokens of width 384, 6 h
 End to end: ViT-S/16 inference, batch 8, fp32 and bf16 autocast, the fast model
 (``vit.fast.ViT`` under ``backend("cpp")``) against the plain reference ``vit.ViT`` with
 the same weights, in the same run (``img_per_s`` in extra_info); the fast model's logits
-are checked against the reference by the parity rule (``vit.bench.check_parity``).
+are checked against the reference by the parity rule (``vit.tools.bench.check_parity``).
 (bench/test_bench_model.py times ViT-S at batch 4 only, so batch 8 stays here.)
 
     pytest bench/test_bench_cpp.py --benchmark-only --benchmark-json=out.json
@@ -29,7 +29,7 @@ import torch
 import fastvit_kernels as fk
 from benchutil import ON_CUDA, available, measure
 from fastvit_kernels import reference
-from vit import bench as vb
+from vit.tools import bench as vb
 
 pytestmark = pytest.mark.skipif(ON_CUDA or available("cpp") is not None,
                                 reason=f"cpp backend is CPU-only here: {available('cpp') or 'CUDA run'}")

@@ -1,13 +1,13 @@
 """End-to-end ViT: inference and training-step images/s and peak memory, per provider.
 
-Providers (``vit.providers``, the same ones ``fastvit bench`` runs): ``eager`` (the
+Providers (``vit.tools.bench.providers``, the same ones ``fastvit bench`` runs): ``eager`` (the
 reference ``vit.ViT`` in eager PyTorch with SDPA attention: the baseline), ``compile``
 (``torch.compile`` of it), ``hf`` (transformers' ViTForImageClassification with the same
 weights), and the fast model under each kernel backend that runs on this device
 (``fast-triton`` on CUDA, ``fast-cpp`` on CPU, ``fast-torch``).
 
 Every provider's logits (and for training its gradients) are checked against the fp32
-reference first, by the parity rule of ``vit.bench``; a provider that fails is reported
+reference first, by the parity rule of ``vit.tools.bench``; a provider that fails is reported
 as a failed test and never timed. Warm-up steps (compilation, autotuning, AdamW state)
 run before the measurement; ``benchutil.measure`` synchronizes CUDA.
 
@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from benchutil import DEVICE, ON_CUDA, measure
-from vit import bench as vb
-from vit import providers as registry
+from vit.tools import bench as vb
+from vit.tools.bench import providers as registry
 from vit.config import get_config
 from vit.model import ViT, count_flops
 

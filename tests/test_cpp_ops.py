@@ -21,7 +21,7 @@ import torch
 
 import fastvit_kernels as fk
 from fastvit_kernels import reference
-from parity import assert_parity, rand, upcast
+from fastvit_kernels.testing import assert_parity, rand, upcast
 
 CPP = fk.available_backends()["cpp"]
 HAVE_TOOLCHAIN = shutil.which(os.environ.get("CXX", "c++")) is not None and shutil.which("ninja") is not None

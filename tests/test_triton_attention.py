@@ -19,7 +19,7 @@ import torch
 import fastvit_kernels as fk
 from fastvit_kernels import reference
 from fastvit_kernels.triton import attention as tattn
-from parity import FP32_RTOL, assert_parity, rand, upcast
+from fastvit_kernels.testing import FP32_RTOL, assert_parity, rand, upcast
 
 ON_CUDA = torch.cuda.is_available()
 LAYOUTS = ("separate", "views", "packed")

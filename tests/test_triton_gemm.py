@@ -12,7 +12,7 @@ import torch
 
 import fastvit_kernels as fk
 from fastvit_kernels import reference
-from parity import assert_parity, high_precision, rand, upcast
+from fastvit_kernels.testing import assert_parity, high_precision, rand, upcast
 
 pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":

@@ -12,7 +12,7 @@ import torch
 import fastvit_kernels as fk
 from fastvit_kernels import reference
 from fastvit_kernels.triton import layer_norm as tln
-from parity import assert_parity, rand, upcast
+from fastvit_kernels.testing import assert_parity, rand, upcast
 
 EPS = 1e-6
 

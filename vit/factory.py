@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
+from . import weights
 from .config import ViTConfig, get_config
 
 
@@ -68,10 +68,10 @@ def read_config(path) -> ViTConfig:
         return config_from_hf(json.loads(config_file.read_text()))
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    meta = ckpt.load_metadata(path)
-    if ckpt.CONFIG_METADATA_KEY not in meta:
+    meta = weights.load_metadata(path)
+    if weights.CONFIG_METADATA_KEY not in meta:
         raise ValueError(f"{path} carries no model config; use vit.create_model(name, pretrained=path)")
-    return ViTConfig.from_dict(json.loads(meta[ckpt.CONFIG_METADATA_KEY]))
+    return ViTConfig.from_dict(json.loads(meta[weights.CONFIG_METADATA_KEY]))
 
 
 def load_pretrained(model: torch.nn.Module, path) -> torch.nn.Module:
@@ -80,12 +80,12 @@ def load_pretrained(model: torch.nn.Module, path) -> torch.nn.Module:
     The position embedding is resampled when the checkpoint's grid differs from the
     model's; every other mismatch raises a ValueError naming the keys.
     """
-    state = ckpt.convert_state_dict(ckpt.load(_weights_file(Path(path))))
+    state = weights.convert_state_dict(weights.load(_weights_file(Path(path))))
     pos = state.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape and pos.dim() == 3:
-        state["pos_embed"] = ckpt.resample_pos_embed(pos, model.config.grid_size,
+        state["pos_embed"] = weights.resample_pos_embed(pos, model.config.grid_size,
                                                      num_prefix_tokens=model.num_prefix_tokens)
-    ckpt.check_state_dict(model, state)
+    weights.check_state_dict(model, state)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -112,21 +112,3 @@ def from_pretrained(path, *, fast: bool = False, **overrides) -> torch.nn.Module
     """A ViT built from the config stored with the checkpoint at ``path``, weights loaded."""
     model = model_class(fast)(read_config(path).replace(**overrides))
     return load_pretrained(model, path)
-
-
-def resolve_device(name) -> torch.device:
-    """``None`` (cuda when available, else cpu), "cpu", "cuda" or "cuda:N", checked against this machine."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from exc
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device

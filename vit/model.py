@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .checkpoint import resample_pos_embed
+from .weights import resample_pos_embed
 from .config import ViTConfig
 from .layers import Block, PatchEmbed
 

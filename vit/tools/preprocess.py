@@ -7,7 +7,7 @@ size / 0.875, bicubic, center crop, ImageNet mean and std; one-channel models ge
 images and the channel means of those statistics).
 
 This module holds the one evaluation recipe and the one copy of the ImageNet statistics:
-``vit.data`` (the training job's evaluation split) uses them too, so a model is evaluated
+``vit.tools.data`` (the training job's evaluation split) uses them too, so a model is evaluated
 during training exactly as ``fastvit predict`` will feed it.
 """
 

@@ -2,7 +2,7 @@
 
   fastvit bench      parity-checked speed of every provider (the README's main job)
   fastvit predict    top-5 classes for image files with a pretrained checkpoint
-  fastvit train      training (vit.train; every argument after ``train`` is its own)
+  fastvit train      training (vit.tools.train; every argument after ``train`` is its own)
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import sys
 
 
 def _bench_parser(sub) -> None:
-    from .bench import CPU_BATCH, CPU_MODEL, CUDA_BATCH, CUDA_MODEL, DTYPES
-    from .config import PRESETS
+    from vit.config import PRESETS
+
+    from .bench.settings import CPU_BATCH, CPU_MODEL, CUDA_BATCH, CUDA_MODEL, DTYPES
 
     p = sub.add_parser(
         "bench", help="parity-check, then time every provider (eager, compile, hf, fast-*)",
@@ -48,55 +49,9 @@ def _bench_parser(sub) -> None:
 
 
 def _bench(args, stdout, stderr) -> int:
-    import torch
+    from .bench import main
 
-    import fastvit_kernels
-
-    from . import bench
-    from . import providers as registry
-
-    try:
-        settings_kwargs = dict(model=args.model, device=args.device, dtype=args.dtype,
-                               batch_size=args.batch_size, img_size=args.img_size, steps=args.steps,
-                               warmup=args.warmup, train=args.train, out=args.out, seed=args.seed)
-        providers = args.providers
-        if providers is not None and providers.strip() == "all":
-            probe = bench.make_settings(**{**settings_kwargs, "providers": ["eager"]})
-            providers = [n for n in registry.provider_names()
-                         if registry.unavailable_reason(n, probe.device, probe.config) is None]
-        settings = bench.make_settings(providers=providers, **settings_kwargs)
-    except ValueError as exc:
-        print(f"error: {exc}", file=stderr)
-        return 2
-    if args.list_providers:
-        for name in registry.provider_names():
-            reason = registry.unavailable_reason(name, settings.device, settings.config)
-            default = "default" if name in registry.default_providers(settings.device, settings.config) else ""
-            print(f"  {name:<12s} {'ok' if reason is None else 'unavailable':<12s} {default:<8s} "
-                  f"{registry.get_provider(name).description}{'' if reason is None else ' -- ' + reason}",
-                  file=stdout)
-        return 0
-
-    print("kernel backends:", file=stdout)
-    for name, info in fastvit_kernels.available_backends().items():
-        print(f"  {name:<7s} {info}", file=stdout)
-    cfg = settings.config
-    print(f"fastvit bench: {settings.model} {cfg.img_hw[0]}x{cfg.img_hw[1]}, batch {settings.batch_size}, "
-          f"{settings.dtype}, {settings.device}"
-          f"{f' ({torch.get_num_threads()} threads)' if settings.device.type == 'cpu' else ''}; "
-          f"providers: {', '.join(settings.providers)}", file=stdout)
-    stdout.flush()
-    results = bench.run(settings, stream=stderr)
-    results["command"] = " ".join(["fastvit", *args.argv])
-    print(bench.format_table(results), file=stdout)
-    written = bench.write(results, settings.out)
-    print(f"wrote {', '.join(str(p) for p in written)}"
-          f"{'' if len(written) > 1 else ' (install matplotlib for the bar chart)'}", file=stdout)
-    bad = bench.failed(results)
-    if bad:
-        print(f"error: {', '.join(bad)} failed parity or could not run; not timed", file=stderr)
-        return 1
-    return 0
+    return main(args, stdout, stderr)
 
 
 def _predict_parser(sub) -> None:
@@ -106,7 +61,7 @@ def _predict_parser(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything PIL reads)")
     p.add_argument("--pretrained", required=True, metavar="PATH",
                    help="HF snapshot directory (config.json + weights) or a safetensors file "
-                        "saved by vit.checkpoint.save with its config")
+                        "saved by vit.weights.save with its config")
     p.add_argument("--model", metavar="PRESET",
                    help="preset for a weights file that carries no config (timm/HF/ours)")
     p.add_argument("--fast", action="store_true", help="run the fast model (vit.fast.ViT)")
@@ -130,7 +85,7 @@ def _predict(args, stdout, stderr) -> int:
 def _train(argv: list[str], stderr) -> int:
     import importlib
 
-    train = importlib.import_module("vit.train")
+    train = importlib.import_module("vit.tools.train")
     return int(train.main(argv) or 0)
 
 
@@ -140,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,predict,train}")
     _bench_parser(sub)
     _predict_parser(sub)
-    # listed for --help only: main() hands everything after "train" to vit.train untouched
+    # listed for --help only: main() hands everything after "train" to vit.tools.train untouched
     sub.add_parser("train", help="train a ViT (arguments: see `fastvit train --help`)", add_help=False)
     return parser
 

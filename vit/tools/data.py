@@ -9,7 +9,7 @@ normalized, with ``C`` and ``H, W`` taken from the model config, and int64 label
 - ``ImageFolder``: ``root/<class>/<image>`` decoded with PIL inside DataLoader
   workers; random-resized-crop + horizontal flip for training (torch ops, no
   torchvision); for evaluation the recipe of ``fastvit predict``
-  (``vit.preprocess.default_preprocess``), so that the accuracy measured during
+  (``vit.tools.preprocess.default_preprocess``), so that the accuracy measured during
   training is the accuracy ``fastvit predict`` gets.
 
 Randomness never comes from the global RNG: the data order is a function of
@@ -62,7 +62,7 @@ def _check_image_spec(in_chans: int, img_hw) -> tuple[int, int]:
 
 def _normalize(images: torch.Tensor) -> torch.Tensor:
     """Scale [0, 1] images with the ImageNet mean/std (gray: the channel means), as
-    ``vit.preprocess`` does."""
+    ``vit.tools.preprocess`` does."""
     if images.shape[1] == 3:
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     else:
@@ -202,7 +202,7 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def open(self, path: str):
-        """The file as a PIL image with the model's channels (``vit.preprocess.load_image``)."""
+        """The file as a PIL image with the model's channels (``vit.tools.preprocess.load_image``)."""
         try:
             image = load_image(path)
         except ImageLoadError as exc:

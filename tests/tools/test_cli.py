@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-import vit.cli as cli
-from vit import bench
-from vit import providers as registry
+import vit.tools.cli as cli
+from vit import ViT, get_config
+from vit.tools import bench
+from vit.tools.bench import providers as registry
 
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "2",
         "--steps", "2", "--warmup", "1"]
@@ -166,8 +167,8 @@ def test_low_precision_tolerance_is_twice_the_references_own_error():
 
 def test_hf_provider_has_the_reference_weights(device):
     pytest.importorskip("transformers")
-    cfg = bench.get_config("vit_tiny_patch16_224", img_size=32, depth=2)
-    reference = bench.ViT(cfg).to(device).eval()
+    cfg = get_config("vit_tiny_patch16_224", img_size=32, depth=2)
+    reference = ViT(cfg).to(device).eval()
     with torch.no_grad():  # non-default LayerNorm and bias values, so a swapped key shows
         for p in reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -182,7 +183,7 @@ def test_settings_defaults_and_validation():
     settings = bench.make_settings(device="cpu")
     assert (settings.model, settings.dtype, settings.batch_size) == ("vit_small_patch16_224", "fp32", 8)
     assert settings.providers[0] == "eager" and "fast-triton" not in settings.providers
-    assert "compile" not in settings.providers  # not by default on CPU (see vit/providers.py)
+    assert "compile" not in settings.providers  # not by default on CPU (see vit/tools/bench/providers.py)
     assert "compile" in registry.default_providers("cuda", settings.config)
     assert bench.make_settings(device="cpu", providers="hf").providers == ["eager", "hf"]
     with pytest.raises(ValueError, match="unknown provider 'nope'"):
@@ -219,9 +220,9 @@ def test_cli_errors_are_clear(tmp_path):
 
 def test_train_passes_every_argument_through(monkeypatch):
     seen = []
-    fake = type(sys)("vit.train")
+    fake = type(sys)("vit.tools.train")
     fake.main = lambda argv=None: seen.append(argv) or 7
-    monkeypatch.setitem(sys.modules, "vit.train", fake)
+    monkeypatch.setitem(sys.modules, "vit.tools.train", fake)
     argv = ["--steps", "3", "--help", "bench", "--out=x"]
     assert cli.main(["train", *argv]) == 7
     assert seen == [argv]

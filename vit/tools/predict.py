@@ -1,6 +1,6 @@
 """``fastvit predict``: top-k classes for image files with a pretrained classifier.
 
-The checkpoint brings its preprocessing (``vit.preprocess.for_checkpoint``) and its class
+The checkpoint brings its preprocessing (``vit.tools.preprocess.for_checkpoint``) and its class
 names (a Hugging Face config's ``id2label``, or ``id2label`` in our safetensors metadata;
 else the class indices). Files are read and classified in batches; a file that cannot
 be read is reported and the others go on.
@@ -15,8 +15,9 @@ from typing import Iterable, Iterator
 
 import torch
 
-from . import checkpoint as ckpt
-from .factory import resolve_device
+from vit import weights
+
+from .device import resolve_device
 from .preprocess import ImageLoadError, Preprocess, for_checkpoint, load_image, require_pillow
 
 
@@ -36,7 +37,7 @@ def load_labels(path, num_classes: int) -> list[str]:
         if config.is_file():
             id2label = json.loads(config.read_text()).get("id2label")
     elif path.suffix == ".safetensors":
-        raw = ckpt.load_metadata(path).get("id2label")
+        raw = weights.load_metadata(path).get("id2label")
         id2label = json.loads(raw) if raw else None
     labels = [str(i) for i in range(num_classes)]
     for key, name in (id2label or {}).items():
@@ -53,7 +54,7 @@ def load_classifier(pretrained, *, fast: bool = False, model_name: str | None = 
     ``pretrained``: a HF snapshot directory or a safetensors file carrying our config;
     with ``model_name`` (a preset) any timm / HF / our weights file.
     """
-    from .factory import create_model, from_pretrained
+    from vit.factory import create_model, from_pretrained
 
     path = Path(pretrained)
     if not path.exists():

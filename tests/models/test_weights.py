@@ -7,7 +7,7 @@ import torch
 
 import vit
 from vit import ViT
-from vit import checkpoint as ckpt
+from vit import weights as ckpt
 
 transformers = pytest.importorskip("transformers")
 

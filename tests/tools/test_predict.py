@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import vit
-import vit.cli as cli
-from vit import checkpoint as ckpt
-from vit import predict as vp
-from vit.preprocess import (IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, Preprocess, default_preprocess,
+import vit.tools.cli as cli
+from vit import weights as ckpt
+from vit.tools import predict as vp
+from vit.tools.preprocess import (IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, Preprocess, default_preprocess,
                             for_checkpoint, from_hf_config, load_image)
 
 PIL = pytest.importorskip("PIL")
@@ -203,7 +203,7 @@ def test_bad_arguments_are_clear(tmp_path, sample_images):
 
 
 def _train(out: Path, *args: str) -> Path:
-    from vit import train
+    from vit.tools import train
 
     assert train.main(["--out", str(out), "--threads", "1", "--progress", "none", "--no-fast", "--steps", "2",
                        "--batch-size", "8", "--eval-every", "0", "--ckpt-every", "0", *args]) == 0

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import fastvit_kernels as fk
 import vit
 from fastvit_kernels import _dispatch
-from parity import assert_parity, rand
-from vit import checkpoint as ckpt
+from fastvit_kernels.testing import assert_parity, rand
+from vit import weights as ckpt
 from vit.fast import MODEL_OPS
 from vit.fast import ViT as FastViT
 

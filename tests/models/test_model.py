@@ -5,7 +5,7 @@ import torch
 
 import vit
 from vit import ViT, ViTConfig, get_config
-from vit.checkpoint import resample_pos_embed
+from vit.weights import resample_pos_embed
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 

@@ -22,8 +22,8 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
-from .config import ViTConfig
+from vit import weights
+from vit.config import ViTConfig
 
 
 def _no_context() -> ContextManager:
@@ -156,28 +156,28 @@ def _hf_unavailable(device: torch.device, config: ViTConfig) -> str | None:
 def to_hf_state_dict(state_dict: dict, hf_keys) -> dict:
     """Our (timm) ViT weights under the given Hugging Face ViT keys.
 
-    The inverse of ``checkpoint.convert_state_dict`` for one transformers model: the
+    The inverse of ``vit.weights.convert_state_dict`` for one transformers model: the
     fused qkv projection is split into query/key/value. HF keys an image classifier does
     not use (pooler, mask token) are left out.
     """
-    embed = ckpt._HF_EMBED
+    embed = weights._HF_EMBED
     out, unknown = {}, []
     for key in hf_keys:
         short = key[len("vit."):] if key.startswith("vit.") else key
         if short in embed:
             out[key] = state_dict[embed[short]]
             continue
-        if short in ckpt._HF_UNUSED:
+        if short in weights._HF_UNUSED:
             continue
-        match = ckpt._HF_BLOCK_KEY.match(short)
+        match = weights._HF_BLOCK_KEY.match(short)
         if match:
             index, name, kind = match.groups()
-            if name in ckpt._HF_BLOCK:
-                out[key] = state_dict[f"blocks.{index}.{ckpt._HF_BLOCK[name]}.{kind}"]
+            if name in weights._HF_BLOCK:
+                out[key] = state_dict[f"blocks.{index}.{weights._HF_BLOCK[name]}.{kind}"]
                 continue
-            if name in ckpt._HF_QKV:
+            if name in weights._HF_QKV:
                 qkv = state_dict[f"blocks.{index}.attn.qkv.{kind}"]
-                out[key] = qkv.chunk(3, dim=0)[ckpt._HF_QKV[name]]
+                out[key] = qkv.chunk(3, dim=0)[weights._HF_QKV[name]]
                 continue
         unknown.append(key)
     if unknown:
@@ -200,9 +200,9 @@ def _build_hf(reference: nn.Module) -> nn.Module:
     hf_config._attn_implementation = "sdpa"
     model = transformers.ViTForImageClassification(hf_config)
     ours = reference.state_dict()
-    weights = to_hf_state_dict(ours, model.state_dict().keys())
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    unused = [k for k in missing if k.removeprefix("vit.") not in ckpt._HF_UNUSED]
+    hf_weights = to_hf_state_dict(ours, model.state_dict().keys())
+    missing, unexpected = model.load_state_dict(hf_weights, strict=False)
+    unused = [k for k in missing if k.removeprefix("vit.") not in weights._HF_UNUSED]
     if unused or unexpected:
         raise ValueError(f"Hugging Face ViT weights incomplete: missing {unused}, unexpected {unexpected}")
     param = next(reference.parameters())
@@ -211,7 +211,7 @@ def _build_hf(reference: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------ fast model
 def _build_fast(reference: nn.Module) -> nn.Module:
-    from .factory import model_class
+    from vit.factory import model_class
 
     param = next(reference.parameters())
     fast = model_class(True)(reference.config).to(device=param.device, dtype=param.dtype)

@@ -1,0 +1,178 @@
+"""Timing and peak memory: the one synchronized step timer of ``fastvit bench`` and ``bench/``."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..progress import Progress
+
+# With --steps not given, time each provider for about this long (at least MIN_STEPS
+# steps): enough for a stable median, and bounded when the machine is slow or busy.
+TARGET_SECONDS = {"cpu": 4.0, "cuda": 3.0}
+MIN_STEPS, MAX_STEPS = 3, 200
+
+
+def sync(device=None) -> None:
+    """Wait for queued CUDA work (a no-op on CPU), so that a timer sees the work done."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """torch.autocast for bf16/fp16, nothing for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- memory
+def _proc_status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what the last provider left: Python garbage, CUDA cache, glibc's free heap pages."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    try:  # hand freed heap pages back so that the next provider's RSS baseline is fair
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory a provider adds above ``baseline()``, between ``start()`` and ``stop()``, MiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated at the baseline.
+    CPU: the process's peak resident set size (VmHWM, reset at ``start``) above the
+    baseline RSS -- approximate; None where the kernel does not offer it. Nothing runs
+    during the timed steps (no sampling thread).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_allocated" if device.type == "cuda" else "rss"
+        self._base: int | None = None
+        self._armed = False
+
+    def baseline(self) -> None:
+        if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            release_memory(self.device)
+            rss = _proc_status_kib("VmRSS")
+            self._base = None if rss is None else rss * 1024
+
+    def start(self) -> None:
+        """Start recording the peak (called after warm-up: compilation transients excluded)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._armed = self._base is not None and _reset_peak_rss()
+
+    def stop(self) -> float | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        peak = _proc_status_kib("VmHWM") if self._armed else None
+        if peak is None:
+            return None
+        return max(peak * 1024 - self._base, 0) / 2**20
+
+
+# ------------------------------------------------------------------------------ steps
+def inference_step(module, images, dtype, context):
+    """One forward pass, as a user would run inference."""
+    module.eval()
+
+    def step():
+        with torch.inference_mode(), context(), autocast(images.device, dtype):
+            return module(images)
+
+    return step
+
+
+def train_step(module, images, labels, dtype, context):
+    """One training step: forward, cross-entropy, backward, AdamW step."""
+    module.train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with context():
+            with autocast(images.device, dtype):
+                loss = F.cross_entropy(module(images), labels)
+            loss.backward()
+            optimizer.step()
+        return loss
+
+    return step
+
+
+def time_steps(step, device: torch.device, *, warmup: int, steps: int | None, label: str,
+               target_s: float, memory: PeakMemory | None = None, stream=None) -> dict:
+    """Run ``warmup`` untimed steps, then time ``steps`` (or enough for ``target_s``)."""
+    # on a terminal a bar redrawn in place; elsewhere (logs, CI) only the finished line
+    progress = Progress(warmup + (steps or MIN_STEPS), label=label, stream=stream)
+    warm_start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+        sync(device)
+        progress.update()
+    warmup_s = time.perf_counter() - warm_start
+    if memory is not None:
+        memory.start()
+    times: list[float] = []
+    try:
+        while True:
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times.append(time.perf_counter() - start)
+            if steps is None and len(times) == MIN_STEPS:
+                # enough steps to fill target_s at the median pace so far (bounded)
+                wanted = int(target_s / max(statistics.median(times), 1e-9))
+                progress.total = warmup + min(max(wanted, MIN_STEPS), MAX_STEPS)
+            progress.update()
+            if len(times) >= progress.total - warmup:
+                break
+    finally:
+        peak = memory.stop() if memory is not None else None
+    median = statistics.median(times)
+    progress.close(f"{median * 1e3:8.1f} ms/step")
+    return {"steps": len(times), "warmup_steps": warmup, "warmup_s": warmup_s, "median_s": median,
+            "mean_s": statistics.fmean(times), "min_s": min(times),
+            "stdev_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+            "times_s": times, "peak_mem_mb": peak}
