@@ -3,8 +3,8 @@
 Loading, in order:
 
 1. ``FASTVIT_CPP_LIBRARY=/path/to/libfastvit_cpp_<isa>.so`` if set;
-2. unless ``FASTVIT_CPP_PREBUILT=0``, a prebuilt library (``cmake -S . -B build && cmake --build build``) found next to this
-   package or in the repository's ``build/``, built for an instruction set this CPU has
+2. unless ``FASTVIT_CPP_PREBUILT=0``, a prebuilt library (``cmake -S . -B build && cmake --build build``)
+   found next to this package or in the repository's ``build/``, built for an instruction set this CPU has
    and not older than the sources next to it;
 3. else the sources are compiled on first use by ``torch.utils.cpp_extension.load``
    (ninja; cached under ``TORCH_EXTENSIONS_DIR``, so only the first import pays).
@@ -39,6 +39,9 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from . import reference
+from .reference import default_scale
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _LIB_PREFIX = "libfastvit_cpp_"
@@ -199,7 +202,8 @@ def _register_fakes() -> None:
     @reg("fastvit::packed_attention_fwd")
     def _(qkv, num_heads, scale):
         batch, tokens, width = qkv.shape
-        return qkv.new_empty((batch, tokens, width // 3)), qkv.new_empty((batch, num_heads, tokens), dtype=_acc(qkv.dtype))
+        return (qkv.new_empty((batch, tokens, width // 3)),
+                qkv.new_empty((batch, num_heads, tokens), dtype=_acc(qkv.dtype)))
 
     @reg("fastvit::packed_attention_bwd")
     def _(grad_out, qkv, out, lse, num_heads, scale):
@@ -210,10 +214,6 @@ def _register_fakes() -> None:
 def _needs_grad(x, weight, bias) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad))
-
-
-def _default_scale(head_dim: int) -> float:
-    return head_dim ** -0.5 if head_dim > 0 else 1.0
 
 
 def patch_embed(images, weight, bias, pos_embed, cls_token=None):
@@ -236,23 +236,16 @@ def linear_gelu(x, weight, bias, approximate="none"):
 
 
 def attention(q, k, v, scale=None):
-    scale = _default_scale(q.shape[-1]) if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     return torch.ops.fastvit.attention_fwd(q, k, v, scale)[0]
 
 
 def packed_attention(qkv, num_heads, scale=None):
-    scale = _default_scale(qkv.shape[-1] // (3 * num_heads)) if scale is None else scale
+    scale = default_scale(qkv.shape[-1] // (3 * num_heads)) if scale is None else scale
     return torch.ops.fastvit.packed_attention_fwd(qkv, num_heads, scale)[0]
 
 
-_PUBLIC = {
-    "patch_embed": patch_embed,
-    "layer_norm": layer_norm,
-    "add_layer_norm": add_layer_norm,
-    "linear_gelu": linear_gelu,
-    "attention": attention,
-    "packed_attention": packed_attention,
-}
+_PUBLIC = {name: globals()[name] for name in reference.OPS}  # every op, by the functions above
 
 OPS: dict = {}
 UNAVAILABLE_REASON = ""

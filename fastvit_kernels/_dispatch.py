@@ -1,22 +1,11 @@
-"""The single place that decides which backend runs an op.
+"""The single place that decides which backend (triton | cpp | torch) runs an op.
 
-Backends:
-
-* ``triton`` -- our Triton kernels (``fastvit_kernels/triton/``). CUDA tensors, and
-  CPU tensors when ``TRITON_INTERPRET=1`` (the interpreter, used by the tests).
-* ``cpp``    -- our C++ extension (``csrc/``, loaded by ``fastvit_kernels/_cpp.py``).
-  CPU tensors.
-* ``torch``  -- ``fastvit_kernels/reference.py``, plain PyTorch. Any device.
-
-The requested backend comes from, in order: the innermost ``with backend(name):``
-block, the ``FASTVIT_BACKEND`` environment variable, else ``"auto"``. ``auto`` picks
-triton for CUDA tensors and cpp for CPU tensors when they are available and support
-the call, else torch, quietly. A backend requested by name that cannot run the call
-raises and says why.
-
-A backend module exposes ``OPS`` (op name -> callable with the public signature,
-differentiable) and optionally ``SUPPORTS`` (op name -> predicate taking the same
-arguments and returning ``None`` when it can run them, or the reason it cannot).
+The request comes from the innermost ``with backend(name):``, else ``FASTVIT_BACKEND``,
+else ``"auto"``: triton for CUDA tensors, cpp for CPU tensors, torch otherwise, falling
+back quietly; a backend requested by name that cannot run the call raises with the reason.
+A backend module exposes ``OPS`` (op name -> differentiable function with the public
+signature) and optionally ``SUPPORTS`` (op name -> predicate: ``None`` or why not).
+See ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -24,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
@@ -95,7 +84,7 @@ def _import_backend(name: str) -> str:
     if name not in _loaded:
         try:
             module = importlib.import_module(_MODULES[name])
-            ops = dict(getattr(module, "OPS"))
+            ops = dict(module.OPS)
             if not ops:
                 raise ImportError(getattr(module, "UNAVAILABLE_REASON", "no ops implemented"))
             _loaded[name] = _Loaded(ops, dict(getattr(module, "SUPPORTS", {})))

@@ -1,22 +1,8 @@
-"""The public functional ops: validate, apply the autocast policy, dispatch.
+"""The public functional ops: validate, apply the autocast policy, resolve defaults, dispatch.
 
-Every op here checks its arguments once (so every backend sees well-formed input and
-every user gets the same error messages), then hands the call to the backend chosen by
-``_dispatch``. The checks run on every call, in front of kernels that take a few
-microseconds on small inputs: they build nothing (dicts, tuples, messages) unless they
-fail.
-
-Autocast policy (what happens inside ``torch.autocast``), mirroring the PyTorch op each
-one replaces:
-
-* ``patch_embed``, ``linear_gelu``, ``attention``, ``packed_attention`` are matrix
-  products, like ``conv2d`` / ``linear`` / ``scaled_dot_product_attention``: their
-  floating inputs are cast to the autocast dtype and the result is in that dtype.
-* ``layer_norm`` and ``add_layer_norm`` keep the activations' dtype: ``x`` and
-  ``residual`` are promoted to their common dtype (as ``x + residual`` would be) and
-  ``weight`` / ``bias`` are cast to it; the statistics are fp32 whatever the dtype.
-  (``F.layer_norm`` itself differs by device under autocast: fp32 on CUDA, the input
-  dtype on CPU. Keeping the activation dtype is what a bf16 model wants.)
+Each op checks its arguments once, so every backend sees well-formed input and every user
+gets the same error messages (the checks build nothing unless they fail). The autocast
+policy is described in ARCHITECTURE.md ("Numerics").
 """
 
 from __future__ import annotations
@@ -27,6 +13,7 @@ import torch
 from torch.amp.autocast_mode import is_autocast_available
 
 from . import _dispatch
+from .reference import default_scale
 
 _GELU_APPROXIMATIONS = ("none", "tanh")
 
@@ -229,7 +216,8 @@ def attention(q, k, v, scale: float | None = None):
     if cast is not None:
         q, k, v = _cast(cast, q, k, v)
     _check_same("q", q, "k", k, "v", v)
-    return _run("attention", device, cast, q, k, v, None if scale is None else float(scale))
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)  # resolved once, for every backend
+    return _run("attention", device, cast, q, k, v, scale)
 
 
 def packed_attention(qkv, num_heads: int, scale: float | None = None):
@@ -250,4 +238,5 @@ def packed_attention(qkv, num_heads: int, scale: float | None = None):
     cast = _autocast_dtype(device)
     if cast is not None:
         (qkv,) = _cast(cast, qkv)
-    return _run("packed_attention", device, cast, qkv, num_heads, None if scale is None else float(scale))
+    scale = default_scale(width // (3 * num_heads)) if scale is None else float(scale)
+    return _run("packed_attention", device, cast, qkv, num_heads, scale)

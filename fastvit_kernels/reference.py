@@ -37,6 +37,18 @@ def linear_gelu(x, weight, bias, approximate="none"):
     return F.gelu(F.linear(x, weight, bias), approximate=approximate)
 
 
+def split_qkv(qkv, num_heads: int):
+    """The qkv Linear's output (B, N, 3*D), laid out (B, N, 3, H, d), as q, k, v: strided
+    (B, H, N, d) views, no copy. The one place this layout is written down in Python."""
+    batch, tokens, width = qkv.shape
+    return qkv.reshape(batch, tokens, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def default_scale(head_dim: int) -> float:
+    """Attention's softmax scale when none is given: 1 / sqrt(head_dim), as SDPA."""
+    return head_dim ** -0.5 if head_dim > 0 else 1.0
+
+
 def attention(q, k, v, scale=None):
     """Non-causal softmax(q k^T * scale) v on (B, H, N, d) tensors."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -45,9 +57,8 @@ def attention(q, k, v, scale=None):
 def packed_attention(qkv, num_heads, scale=None):
     """Attention on the qkv Linear's output (B, N, 3*D); returns (B, N, D)."""
     batch, tokens, width = qkv.shape
-    dim = width // 3
-    q, k, v = qkv.reshape(batch, tokens, 3, num_heads, dim // num_heads).permute(2, 0, 3, 1, 4)
-    return attention(q, k, v, scale).transpose(1, 2).reshape(batch, tokens, dim)
+    q, k, v = split_qkv(qkv, num_heads)
+    return attention(q, k, v, scale).transpose(1, 2).reshape(batch, tokens, width // 3)
 
 
 OPS = {

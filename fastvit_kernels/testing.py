@@ -12,8 +12,8 @@ low-precision inputs, fp64 for fp32 inputs):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

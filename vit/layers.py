@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvit_kernels.reference import split_qkv
+
 
 class PatchEmbed(nn.Module):
     """Image (B, C, H, W) -> patch tokens (B, H/P * W/P, D) through a stride-P Conv2d."""
@@ -42,7 +44,7 @@ class Attention(nn.Module):
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """The qkv Linear's output (B, N, 3*D), laid out (B, N, 3, H, d) -> (B, N, D)."""
         batch, tokens, width = qkv.shape
-        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = split_qkv(qkv, self.num_heads)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return x.transpose(1, 2).reshape(batch, tokens, width // 3)
 
