@@ -12,12 +12,11 @@ with a fraction g of the time in identical GEMMs, no fast model is more than 1/g
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-
-import sys
-from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchutil  # noqa: E402,F401  -- same allocator setting as the benchmarks

@@ -61,7 +61,7 @@ def groups(data: dict) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for bench in data["benchmarks"]:
         out.setdefault(bench.get("group") or bench.get("name", "?"), []).append(dict(bench))
-    for name, rows in out.items():
+    for rows in out.values():
         base = next((b for b in rows if _provider(b) == BASELINE), None)
         for bench in rows:
             median = _median(bench)

@@ -23,9 +23,9 @@ ViT-L/14 at 448 (32, 16, 1025, 64), ViT-H/14 at 224 (64, 16, 257, 80).
 import pytest
 import torch
 import torch.nn.functional as F
+from benchutil import DEVICE, ON_CUDA, available, measure
 
 import fastvit_kernels as fk
-from benchutil import DEVICE, ON_CUDA, available, measure
 
 if ON_CUDA:
     SHAPES = [(256, 12, 197, 64), (64, 16, 577, 64), (32, 16, 1025, 64), (64, 16, 257, 80)]

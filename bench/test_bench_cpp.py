@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from benchutil import ON_CUDA, available, measure
 
 import fastvit_kernels as fk
-from benchutil import ON_CUDA, available, measure
 from fastvit_kernels import reference
 from vit.tools import bench as vb
 

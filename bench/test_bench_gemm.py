@@ -23,9 +23,9 @@ benchmarked). CUDA: ViT-B/16 in bf16: M = 256*197, K = 768, N = 3072 for the MLP
 
 import pytest
 import torch
+from benchutil import DEVICE, ON_CUDA, available, measure
 
 import fastvit_kernels as fk
-from benchutil import DEVICE, ON_CUDA, available, measure
 from fastvit_kernels import reference
 
 if ON_CUDA:

@@ -17,9 +17,9 @@ CPU: small shapes in fp32 (the Triton interpreter is never benchmarked). CUDA: V
 import pytest
 import torch
 import torch.nn.functional as F
+from benchutil import DEVICE, ON_CUDA, available, measure
 
 import fastvit_kernels as fk
-from benchutil import DEVICE, ON_CUDA, available, measure
 
 EPS = 1e-6
 if ON_CUDA:

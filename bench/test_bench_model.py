@@ -26,12 +26,12 @@ import os
 
 import pytest
 import torch
-
 from benchutil import DEVICE, ON_CUDA, measure
-from vit.tools import bench as vb
-from vit.tools.bench import providers as registry
+
 from vit.config import get_config
 from vit.model import ViT, count_flops
+from vit.tools import bench as vb
+from vit.tools.bench import providers as registry
 
 if ON_CUDA:
     CASES = [(model, batch, mode) for model, batch in

@@ -164,10 +164,16 @@ def test_ops_are_differentiable_on_torch_backend():
     (lambda: fk.attention(torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)), "4 dimensions"),
     (lambda: fk.packed_attention(torch.randn(1, 3, 20), 3), "3 \\* num_heads"),
     (lambda: fk.attention(*[torch.randn(1, 2, 3, 8)] * 3, scale=float("inf")), "positive finite"),
-    (lambda: fk.patch_embed(torch.randn(1, 3, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 5, 8), torch.randn(8)), r"cls_token must have shape \(1, 1, 8\), got \(8,\)"),
-    (lambda: fk.patch_embed(torch.randn(1, 3, 30, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 5, 8)), "not divisible by the patch size 16"),
-    (lambda: fk.patch_embed(torch.randn(1, 1, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 5, 8)), "1 channels"),
-    (lambda: fk.patch_embed(torch.randn(1, 3, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 4, 8), torch.randn(1, 1, 8)), r"pos_embed must have shape \(1, 5, 8\)"),
+    (lambda: fk.patch_embed(torch.randn(1, 3, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 5, 8),
+                            torch.randn(8)),
+     r"cls_token must have shape \(1, 1, 8\), got \(8,\)"),
+    (lambda: fk.patch_embed(torch.randn(1, 3, 30, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 5, 8)),
+     "not divisible by the patch size 16"),
+    (lambda: fk.patch_embed(torch.randn(1, 1, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 5, 8)),
+     "1 channels"),
+    (lambda: fk.patch_embed(torch.randn(1, 3, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 4, 8),
+                            torch.randn(1, 1, 8)),
+     r"pos_embed must have shape \(1, 5, 8\)"),
 ])
 def test_bad_input_messages(call, match):
     with pytest.raises((ValueError, TypeError), match=match):

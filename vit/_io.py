@@ -8,8 +8,8 @@ in the target's directory so that the rename never crosses file systems.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def atomic_write(path, write: Callable[[Path], None]) -> Path:

@@ -90,7 +90,7 @@ class ViTConfig:
     def use_fc_norm(self) -> bool:
         return self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
 
-    def replace(self, **overrides) -> "ViTConfig":
+    def replace(self, **overrides) -> ViTConfig:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TypeError(f"unknown ViTConfig field(s) {sorted(unknown)}; "
@@ -101,7 +101,7 @@ class ViTConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ViTConfig":
+    def from_dict(cls, data: dict) -> ViTConfig:
         return cls().replace(**data)
 
 

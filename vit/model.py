@@ -7,14 +7,13 @@ arguments override the config. Subclasses swap the layer classes (``patch_embed_
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .weights import resample_pos_embed
 from .config import ViTConfig
 from .layers import Block, PatchEmbed
+from .weights import resample_pos_embed
 
 
 class ViT(nn.Module):

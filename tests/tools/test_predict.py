@@ -12,8 +12,16 @@ import vit
 import vit.tools.cli as cli
 from vit import weights as ckpt
 from vit.tools import predict as vp
-from vit.tools.preprocess import (IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, Preprocess, default_preprocess,
-                            for_checkpoint, from_hf_config, load_image)
+from vit.tools.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageLoadError,
+    Preprocess,
+    default_preprocess,
+    for_checkpoint,
+    from_hf_config,
+    load_image,
+)
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402

@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .preprocess import (GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, default_preprocess,
-                         load_image)
+from .preprocess import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, default_preprocess, load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -47,7 +46,7 @@ class TensorData:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def to(self, device) -> "TensorData":
+    def to(self, device) -> TensorData:
         return TensorData(self.images.to(device), self.labels.to(device), self.num_classes)
 
 

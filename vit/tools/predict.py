@@ -9,9 +9,9 @@ be read is reported and the others go on.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 
@@ -124,7 +124,7 @@ def format_prediction(prediction: Prediction) -> str:
 
 
 def main(args, stdout, stderr) -> int:
-    """The ``fastvit predict`` command (arguments parsed by vit.cli)."""
+    """The ``fastvit predict`` command (arguments parsed by vit.tools.cli)."""
     try:
         device = resolve_device(args.device)
     except ValueError as exc:

@@ -1,8 +1,15 @@
 """``fastvit bench``: settings, providers (what is run), parity, timing, report, and the job (``run``)."""
 
 from .parity import FP32_RTOL, Reference, check_parity, compare, reference_outputs, tolerance
-from .providers import (Provider, default_providers, get_provider, provider_names, register_provider,
-                        unavailable_reason, unregister_provider)
+from .providers import (
+                        Provider,
+                        default_providers,
+                        get_provider,
+                        provider_names,
+                        register_provider,
+                        unavailable_reason,
+                        unregister_provider,
+)
 from .report import environment, format_table, plot, write
 from .run import failed, main, run
 from .settings import CPU_BATCH, CPU_MODEL, CUDA_BATCH, CUDA_MODEL, DTYPES, Settings, make_settings

@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from vit import weights
 from vit.config import ViTConfig
 
 
-def _no_context() -> ContextManager:
+def _no_context() -> AbstractContextManager:
     return contextlib.nullcontext()
 
 
@@ -47,7 +48,7 @@ class Provider:
     build: Callable[[nn.Module], nn.Module]
     description: str = ""
     unavailable: Callable[[torch.device, ViTConfig], str | None] = lambda device, config: None
-    context: Callable[[], ContextManager] = _no_context
+    context: Callable[[], AbstractContextManager] = _no_context
     default: bool | Callable[[torch.device], bool] = True
 
     def is_default(self, device: torch.device) -> bool:
@@ -59,7 +60,7 @@ _REGISTRY: dict[str, Provider] = {}
 
 def register_provider(name: str, build: Callable[[nn.Module], nn.Module], *, description: str = "",
                       unavailable: Callable[[torch.device, ViTConfig], str | None] | None = None,
-                      context: Callable[[], ContextManager] | None = None,
+                      context: Callable[[], AbstractContextManager] | None = None,
                       default: bool | Callable[[torch.device], bool] = True,
                       replace: bool = False) -> Provider:
     """Add a provider (see ``Provider``); ``replace=True`` overwrites one of the same name."""
@@ -238,7 +239,7 @@ def _fast_unavailable(backend: str | None):
 
 
 def _backend_context(backend: str):
-    def context() -> ContextManager:
+    def context() -> AbstractContextManager:
         import fastvit_kernels
 
         return fastvit_kernels.backend(backend)

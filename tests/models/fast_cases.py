@@ -1,0 +1,114 @@
+"""Shared by the fast-model tests: the small config, the backends that can run here, model
+pairs with the same weights, and the helpers that run them."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from unittest import mock
+
+import pytest
+import torch
+
+import fastvit_kernels as fk
+import vit
+from fastvit_kernels import _dispatch
+from fastvit_kernels.testing import MODEL_RTOL, rand  # noqa: F401  -- MODEL_RTOL re-exported for the tests
+from vit.fast import MODEL_OPS
+from vit.fast import ViT as FastViT
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# head_dim 32: every backend's attention supports it; 17 tokens (16 patches + class)
+CFG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5)
+
+
+def _backends_here() -> list[str]:
+    return [name for name, info in fk.available_backends().items()
+            if info.available and DEVICE.type in info.devices]
+
+
+BACKENDS = _backends_here()
+
+
+def _interpreted(name: str) -> bool:
+    return name == "triton" and DEVICE.type == "cpu"
+
+
+NATIVE = [b for b in BACKENDS if not _interpreted(b)]  # backends cheap enough for every test
+
+
+def _lowp_cases() -> list:
+    """(backend, dtype) pairs: bf16 and fp16 on CUDA; on CPU bf16, and fp16 for the
+    interpreter (it cannot do bf16 tl.dot)."""
+    cases = []
+    for name in BACKENDS:
+        if DEVICE.type == "cuda":
+            dtypes = (torch.bfloat16, torch.float16)
+        else:
+            dtypes = (torch.float16,) if _interpreted(name) else (torch.bfloat16,)
+        cases += [pytest.param(name, dt, id=f"{name}-{str(dt).split('.')[-1]}") for dt in dtypes]
+    return cases
+
+
+def _config(backend: str | None = None, **overrides) -> dict:
+    cfg = {**CFG, **overrides}
+    if backend is not None and _interpreted(backend):
+        cfg["img_size"] = 16  # 5 tokens: the interpreter's cost grows with every program
+    return cfg
+
+
+@contextlib.contextmanager
+def on_backend(name: str):
+    """Run the fused ops on backend ``name``, requested explicitly (so it raises if it
+    cannot run a call). A backend that lacks some ops entirely runs those on torch,
+    so that a partly written backend is still tested on the ops it has."""
+    missing = set(MODEL_OPS) - set(fk.available_backends()[name].ops)
+    if not missing:
+        with fk.backend(name):
+            yield
+        return
+    real_resolve = _dispatch.resolve
+
+    def resolve(op, device, *args, **kwargs):
+        with fk.backend("torch" if op in missing else name):
+            return real_resolve(op, device, *args, **kwargs)
+
+    with mock.patch.object(_dispatch, "resolve", resolve):
+        yield
+
+
+def _perturbed_reference(**cfg) -> vit.ViT:
+    """A reference model whose every parameter matters (LayerNorms off (1, 0), biases
+    off 0), so a swapped or ignored parameter cannot go unnoticed."""
+    ref = vit.ViT(**cfg)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return ref.to(DEVICE)
+
+
+def _pair(backend: str | None = None, **overrides):
+    """(fast, reference, reference in fp64) with the same weights, on DEVICE."""
+    cfg = _config(backend, **overrides)
+    ref = _perturbed_reference(**cfg)
+    fast = FastViT(**cfg).to(DEVICE)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    return fast, ref, copy.deepcopy(ref).double()
+
+
+def _images(model, batch: int = 2, hw=None, dtype=torch.float32):
+    height, width = hw or model.config.img_hw
+    return rand(batch, 3, height, width, device=DEVICE, dtype=dtype)
+
+
+def _grads(model, images, upstream):
+    """Gradients of <model(images), upstream> w.r.t. every parameter and the images."""
+    model.zero_grad(set_to_none=True)
+    images = images.detach().clone().requires_grad_(True)
+    model(images).backward(upstream.to(images.dtype))
+    grads = {name.removeprefix("_orig_mod."): p.grad for name, p in model.named_parameters()}
+    grads["images"] = images.grad
+    return grads
+
+
