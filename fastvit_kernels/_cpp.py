@@ -1,31 +1,13 @@
-"""The cpp backend: the C++ extension in ``csrc/`` and its fake kernels.
+"""The cpp backend: loads the C++ extension in ``csrc/`` and registers its fake kernels.
 
-Loading, in order:
-
-1. ``FASTVIT_CPP_LIBRARY=/path/to/libfastvit_cpp_<isa>.so`` if set;
-2. unless ``FASTVIT_CPP_PREBUILT=0``, a prebuilt library (``cmake -S . -B build && cmake --build build``)
-   found next to this package or in the repository's ``build/``, built for an instruction set this CPU has
-   and not older than the sources next to it;
-3. else the sources are compiled on first use by ``torch.utils.cpp_extension.load``
-   (ninja; cached under ``TORCH_EXTENSIONS_DIR``, so only the first import pays).
-
-If none of that works (no compiler, no ninja, a build error) this module emits one
-warning line and raises ImportError: ``auto`` then quietly runs the torch backend and
-``backend("cpp")`` raises with the reason (see ``_dispatch``).
-
-Instruction set: ATen's ``Vectorized`` picks its SIMD code at compile time from the
-``CPU_CAPABILITY_*`` defines. The library is compiled for the capability ATen itself uses
-on this CPU (``torch.backends.cpu.get_cpu_capability()``, which honours
-``ATEN_CPU_CAPABILITY``): AVX512, AVX2 or the portable DEFAULT. The capability is part of
-the library's name, and a library is only loaded on a CPU that has its capability, so no
-``-march=native`` and no illegal instructions on older machines.
-
-The C++ ops (``torch.ops.fastvit.*``) return what backward needs (LayerNorm statistics,
-the GELU pre-activation, attention's log-sum-exp); the functions in ``OPS`` have the
-public signatures and return only the public outputs. Their autograd formulas are C++
-too (``csrc/autograd.cpp``): a Python autograd.Function around every call cost tens of
-microseconds. The fake kernels stay here, in Python (``set_python_module`` in
-``csrc/ops.cpp`` points torch here for them).
+Loading, in order: ``FASTVIT_CPP_LIBRARY`` if set; unless ``FASTVIT_CPP_PREBUILT=0``, a
+CMake-built library next to this package or in ``build/``, not older than its sources;
+else the sources are compiled on first use (ninja, cached under ``TORCH_EXTENSIONS_DIR``).
+If all fail: one warning line and ImportError (``auto`` then runs torch; ``backend("cpp")``
+raises with the reason). The library is compiled for the SIMD level ATen uses on this CPU
+(``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2 or DEFAULT; part of its file
+name), never ``-march=native``. The C++ ops also return what backward needs; their autograd
+is C++ (``csrc/autograd.cpp``); ``OPS`` below has the public signatures.
 """
 
 from __future__ import annotations

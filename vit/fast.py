@@ -1,12 +1,7 @@
-"""The fast ViT: the reference model (``vit.model.ViT``) assembled from layers that call
-the fused ops of ``fastvit_kernels``.
+"""The fast ViT: ``vit.model.ViT`` assembled from layers that call ``fastvit_kernels``' fused ops.
 
-Same constructor, same parameter names and shapes, same outputs; only the layers differ
-(timm's approach: a fast model is the same model with different layer classes). The
-backend that runs each op (triton, cpp or torch) is decided by ``fastvit_kernels``'
-dispatch, never here; ``model.backends()`` and ``repr(model)`` say what it resolves to.
-
-Forward path::
+Same constructor, parameter names and outputs; the backend of each op is the dispatch's
+choice, never decided here (``model.backends()`` says what it resolves to). Forward path::
 
     patch_embed (patchify + projection + class token + position embedding, one op)
     per block:   n1, x = add_layer_norm(previous block's MLP branch, x)   # x += branch, norm1
@@ -15,15 +10,10 @@ Forward path::
                  branch = fc2(linear_gelu(n2))                            # fc1 + GELU fused
     final norm:  add_layer_norm(last branch, x)                           # last residual add fused
 
-Each block therefore returns its output as an unsummed pair ``(x, branch)`` so that the
-next LayerNorm can do the residual add in the same pass. Dropout and drop-path are the
-reference's own modules, applied at the same points in the same order, so a fast and a
-reference model seeded alike draw the same masks. Where a fused op cannot do what the
-configuration asks (attention dropout while training), the layer runs the reference code.
-
-Parameters are read at forward time (no cached or pre-cast copies), so DDP/FSDP can
-shard and gather them, and ``torch.compile(fullgraph=True)`` traces the ops (they are
-``torch.library`` custom ops or plain PyTorch).
+So a block returns the unsummed pair ``(x, branch)``. Dropout and drop-path are the
+reference's modules at the same points (same masks for the same seed); where a fused op
+cannot honour the configuration (attention dropout in training) the layer runs the reference
+code. Parameters are read at forward time, so DDP/FSDP and torch.compile see plain modules.
 """
 
 from __future__ import annotations
