@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test lint clean-venv
+.PHONY: bench test lint clean-venv gpu-check gpu-check-smoke
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check vit bench tests fastvit_kernels
+
+# One command for a lent GPU (bench/gpu_check): <= 8 minutes, results in OUT. It runs with
+# the machine's own python3 (torch + triton preinstalled, no internet), so no venv here.
+OUT ?= build/gpu-check
+gpu-check:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(PYTHON) -m bench.gpu_check --out $(OUT)
+
+# The same script on CPU (Triton interpreter, tiny shapes, ~1 minute): keeps it from rotting.
+gpu-check-smoke: $(STAMP)
+	PYTHONPATH=. $(BIN)/python -m bench.gpu_check --smoke --out $(OUT)-smoke
 
 clean-venv:
 	rm -rf $(VENV)

@@ -124,10 +124,11 @@ def inference_step(module, images, dtype, context):
     return step
 
 
-def train_step(module, images, labels, dtype, context):
-    """One training step: forward, cross-entropy, backward, AdamW step."""
+def train_step(module, images, labels, dtype, context, fused: bool | None = None):
+    """One training step: forward, cross-entropy, backward, AdamW step (``fused=True``: the
+    single-kernel CUDA AdamW; None: PyTorch's default implementation)."""
     module.train()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=fused)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -176,3 +177,44 @@ def time_steps(step, device: torch.device, *, warmup: int, steps: int | None, la
             "mean_s": statistics.fmean(times), "min_s": min(times),
             "stdev_s": statistics.stdev(times) if len(times) > 1 else 0.0,
             "times_s": times, "peak_mem_mb": peak}
+
+
+def time_interleaved(fns: dict, device: torch.device, *, rounds: int, warmup: int = 2,
+                     min_round_s: float = 1e-3) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns`` (name -> no-argument callable), A B A B interleaved.
+
+    Warm-up calls (compilation, autotuning) come first and are not timed. Each round times
+    every function once, over ``reps`` back-to-back calls (CUDA events on a GPU, the host
+    clock after a synchronize on CPU), reps chosen from the warm-up so that a round lasts at
+    least ``min_round_s`` (launch overhead and timer resolution stay small). Interleaving
+    spreads clock and thermal drift over all functions instead of handing it to one.
+    """
+    on_cuda = device.type == "cuda"
+    reps = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        reps[name] = max(1, min(100, int(min_round_s / max(time.perf_counter() - start, 1e-7))))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if on_cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                for _ in range(reps[name]):
+                    fn()
+                end.record()
+                end.synchronize()
+                times[name].append(begin.elapsed_time(end) / 1e3 / reps[name])
+            else:
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(reps[name]):
+                    fn()
+                sync(device)
+                times[name].append((time.perf_counter() - start) / reps[name])
+    return times

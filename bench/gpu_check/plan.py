@@ -1,0 +1,66 @@
+"""The plan: sections in order, each with a time budget, and the deadline they share."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+# Seconds. The GPU plan fits 8 minutes of wall time with ~25 s for interpreter start-up,
+# imports and the final writes; the smoke plan fits CI's ~2 minutes on a 2-core machine.
+GPU_DEADLINE_S, SMOKE_DEADLINE_S = 455.0, 150.0
+
+GPU_BUDGETS = {
+    "env": 15,        # copy bandwidth and GEMM ceilings: a few ms each, plus CUDA start-up
+    "tests": 100,     # JIT compiles of every tested kernel variant (no autotuning: FASTVIT_AUTOTUNE=0)
+    "ops-B": 70,      # includes the autotuning of every ViT-B key (~9 GEMM configs per key)
+    "e2e-B": 150,     # torch.compile(reference) inference + train compiles dominate
+    "compile": 45,    # inductor on the fast ViT-B, fullgraph
+    "ops-L": 30,
+    "e2e-L": 40,
+    "autotune": 5,
+}
+SMOKE_BUDGETS = {"env": 5, "tests": 50, "ops-B": 25, "e2e-B": 30, "compile": 20, "ops-L": 10,
+                 "e2e-L": 10, "autotune": 5}
+SECTIONS = list(GPU_BUDGETS)
+
+
+class SectionTimeout(Exception):
+    """Raised (from a timer signal) inside a section that ran past its budget."""
+
+
+@dataclass
+class Deadline:
+    """A global deadline and the current section's; times from time.monotonic()."""
+
+    end: float
+    section_end: float = float("inf")
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds)
+
+    def left(self) -> float:
+        """Seconds left to the nearer of the two deadlines (never negative)."""
+        return max(0.0, min(self.end, self.section_end) - time.monotonic())
+
+    def global_left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    def start_section(self, budget: float) -> float:
+        """Open a section of ``budget`` seconds, cut to the global deadline; returns its length."""
+        length = max(0.0, min(budget, self.global_left()))
+        self.section_end = time.monotonic() + length
+        return length
+
+    def allows(self, estimate_s: float) -> bool:
+        """Whether an item expected to take ``estimate_s`` seconds fits in what is left."""
+        return self.left() >= estimate_s
+
+
+def format_plan(budgets: dict, deadline_s: float) -> str:
+    lines = [f"plan (global deadline {deadline_s:.0f} s):"]
+    total = 0
+    for name, budget in budgets.items():
+        total += budget
+        lines.append(f"  {name:<9s} {budget:4.0f} s   (cumulative {total:4.0f} s)")
+    return "\n".join(lines)
