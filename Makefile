@@ -28,9 +28,11 @@ lint: $(STAMP)
 
 # One command for a lent GPU (bench/gpu_check): <= 8 minutes, results in OUT. It runs with
 # the machine's own python3 (torch + triton preinstalled, no internet), so no venv here.
+# GPU_CHECK_ARGS: e.g. --deadline 240 for a shorter rerun.
 OUT ?= build/gpu-check
+GPU_CHECK_ARGS ?=
 gpu-check:
-	PYTHONPATH=. PYTHONUNBUFFERED=1 $(PYTHON) -m bench.gpu_check --out $(OUT)
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(PYTHON) -m bench.gpu_check --out $(OUT) $(GPU_CHECK_ARGS)
 
 # The same script on CPU (Triton interpreter, tiny shapes, ~1 minute): keeps it from rotting.
 gpu-check-smoke: $(STAMP)

@@ -21,7 +21,9 @@ def parse(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__)
     parser.add_argument("--out", required=True, type=Path, help="folder for the (at most 8) result files")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes (CI)")
-    parser.add_argument("--deadline", type=float, default=None, help="global deadline in seconds")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="global deadline in seconds (sections keep their budgets, in order; "
+                             "those past the deadline are recorded as skipped)")
     return parser.parse_args(argv)
 
 
@@ -52,6 +54,9 @@ def main(argv=None) -> int:
     status = "done" if not failures else f"done, {failures} section(s) with failures"
     rec.log(f"gpu_check {status}; files in {args.out}")
     rec.close(status)
+    # the end of the output is what a remote run shows first: sections and targets last
+    text = (args.out / "summary.md").read_text()
+    print(text.split("## Tests")[0].split("## Per-op")[0], flush=True)
     return 1 if failures else 0
 
 

@@ -8,6 +8,7 @@ code it replaces), and the FLOPs / minimum bytes of one call. Times are medians 
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -15,11 +16,13 @@ import torch.nn.functional as F
 
 import fastvit_kernels as fk
 from fastvit_kernels import reference
-from vit.tools.bench.timing import time_interleaved
+from vit.tools.bench.timing import sync, time_interleaved
 
 # The fast provider each baseline is compared with ("fast" unless named here): timm's
 # permute + SDPA starts from the packed qkv tensor, as packed_attention does.
 FAST_COUNTERPART = {"timm-permute-sdpa": "fast-packed"}
+# Providers that compute something else (the bare GEMM has no GELU): no value comparison.
+OTHER_FUNCTION = {"linear"}
 
 
 @dataclass(frozen=True)
@@ -170,15 +173,20 @@ def run_case(op: str, shape: str, make, direction: str, device, rounds: int) -> 
     fast_inputs = providers["fast"][1]
     for name, (fn, inputs) in providers.items():
         try:
+            start = time.perf_counter()
             steps[name] = _step(fn, inputs, grad)
             steps[name]()   # the first call: compilation, autotuning, or the error of a backend that cannot run
-            if not grad and len(inputs) == len(fast_inputs) and all(a is b for a, b in zip(inputs, fast_inputs)):
+            sync(device)
+            first_call_s = time.perf_counter() - start
+            same_inputs = len(inputs) == len(fast_inputs) and all(a is b for a, b in zip(inputs, fast_inputs))
+            if not grad and name not in OTHER_FUNCTION and same_inputs:
                 with torch.no_grad():
                     out = fn(*inputs)
                 if name == "fast":
                     fast_out = out
                 elif fast_out is not None:
                     row["providers"][name] = {"rel_diff_vs_fast": _rel_diff(fast_out, out)}
+            row["providers"].setdefault(name, {})["first_call_s"] = first_call_s
         except Exception as exc:  # e.g. a pinned SDPA backend that cannot run this shape
             steps.pop(name, None)
             row["providers"][name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}

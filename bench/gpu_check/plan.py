@@ -22,6 +22,16 @@ GPU_BUDGETS = {
 SMOKE_BUDGETS = {"env": 5, "tests": 50, "ops-B": 25, "e2e-B": 30, "compile": 20, "ops-L": 10,
                  "e2e-L": 10, "autotune": 5}
 SECTIONS = list(GPU_BUDGETS)
+WHAT = {
+    "env": "device, versions, commit; copy bandwidth and bf16 GEMM rate measured",
+    "tests": "pytest: Triton op tests + fast-model tests (bf16/fp16, opcheck), subprocess",
+    "ops-B": "per-op fwd, fwd+bwd at ViT-B/16 b256 vs F.layer_norm, gelu(linear), SDPA, ...",
+    "e2e-B": "ViT-B/16 img/s: fast vs eager vs compile(reference) vs HF; parity first",
+    "compile": "torch.compile(fast ViT-B, fullgraph) vs fp32 reference by value",
+    "ops-L": "per-op at ViT-L/16 b128",
+    "e2e-L": "ViT-L/16 img/s: fast vs eager vs HF",
+    "autotune": "the autotuners' chosen config per kernel and key",
+}
 
 
 class SectionTimeout(Exception):
@@ -62,5 +72,5 @@ def format_plan(budgets: dict, deadline_s: float) -> str:
     total = 0
     for name, budget in budgets.items():
         total += budget
-        lines.append(f"  {name:<9s} {budget:4.0f} s   (cumulative {total:4.0f} s)")
+        lines.append(f"  {name:<9s} {budget:4.0f} s  (by {total:4.0f} s)  {WHAT.get(name, '')}")
     return "\n".join(lines)

@@ -94,6 +94,9 @@ def summary(results: dict) -> str:
     """The markdown summary of whatever ``results`` holds so far."""
     env = results.get("env", {})
     lines = [f"# gpu_check{' --smoke' if results.get('smoke') else ''}: {results.get('status')}", ""]
+    if results.get("smoke"):
+        lines += ["--smoke: CPU, Triton interpreter, tiny fp32 shapes, one round: it checks the code paths;",
+                  "its timings and verdicts mean nothing.", ""]
     commit = env.get("commit") or {}
     commit = f"{commit.get('id', '?')[:12]}{' (dirty)' if commit.get('dirty') else ''}" \
         if isinstance(commit, dict) else commit

@@ -61,8 +61,9 @@ def tests(ctx: Context) -> str:
 def _ops(ctx: Context, shapes, attention) -> str:
     rounds = 1 if ctx.smoke else 15
     done = skipped = 0
-    for op, shape, make in ops.cases(shapes, ctx.device, ctx.dtype, attention):
-        for direction in ("fwd", "fwd+bwd"):
+    # every forward first: they carry issue 15's targets; then forward + backward
+    for direction in ("fwd", "fwd+bwd"):
+        for op, shape, make in ops.cases(shapes, ctx.device, ctx.dtype, attention):
             if not ctx.deadline.allows(1 if ctx.smoke else 4):
                 ctx.rec.results["ops"].append({"op": op, "shape": shape, "case": f"{op} {shape}",
                                                "direction": direction, "providers": {}, "skipped": "budget"})

@@ -126,3 +126,17 @@ def test_time_interleaved_runs_every_function_every_round():
     assert [len(times["a"]), len(times["b"])] == [3, 3]
     assert calls == {"a": 5, "b": 5}     # warm-up, one calibration call, three rounds of one rep
     assert all(t >= 0 for t in times["a"] + times["b"])
+
+
+def test_autotune_choices_read_each_tuners_cache(monkeypatch):
+    import triton
+
+    from fastvit_kernels.triton import attention
+
+    tuner = attention._attn_fwd_tuned
+    chosen = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    monkeypatch.setattr(tuner, "cache", {(256, 64, "tf32", "torch.bfloat16"): chosen})
+    rows = [r for r in checks.autotune_choices() if r["kernel"] == "attention._attn_fwd_tuned"]
+    assert len(rows) == 1
+    assert rows[0]["key"] == "N_BUCKET=256, BLOCK_D=64, DOT_PRECISION=tf32, torch.bfloat16"
+    assert "BLOCK_M: 128" in rows[0]["config"] and "num_warps: 8" in rows[0]["config"]
