@@ -38,15 +38,19 @@ def _python(args, timeout):
 
 
 @pytest.fixture(scope="module")
-def report(request):
-    """{target: {"totals", "problems", "results"}} of the CI subset."""
-    out = Path(request.config.cache.mkdir("compile_check"))
+def report(request, tmp_path_factory):
+    """{target: {"totals", "problems", "results"}} of the CI subset. Under pytest-xdist,
+    run with ``--dist loadfile`` so that one worker runs it once."""
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+    out = Path(cache.mkdir("compile_check")) if cache else tmp_path_factory.mktemp("compile_check")
     for old in out.glob("compile_*"):
         old.unlink()
     proc = _python(["-m", cc.__name__, "--ci", "--quiet", "--out", str(out)], timeout=1800)
     found = {t: out / f"compile_{t}.json" for t in TARGETS}
     missing = [t for t, path in found.items() if not path.exists()]
     assert not missing, f"no compile report for {missing}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    if not cache:
+        print(f"compile check tables: {out}")
     return {t: json.loads(path.read_text()) for t, path in found.items()}
 
 
