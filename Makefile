@@ -42,12 +42,14 @@ $(STAMP36): $(STAMP)
 bench: $(STAMP)
 	$(BIN)/fastvit bench
 
+PYTEST36 = PYTHONPATH=$(CURDIR) $(VENV36)/bin/python -m pytest $(TRITON_TESTS)
+
 test: $(STAMP) $(STAMP36)
 	$(BIN)/python -m pytest tests/
-	PYTHONPATH=$(CURDIR) $(VENV36)/bin/python -m pytest $(TRITON_TESTS)
+	$(PYTEST36)
 
 test-triton36: $(STAMP36)
-	PYTHONPATH=$(CURDIR) $(VENV36)/bin/python -m pytest $(TRITON_TESTS)
+	$(PYTEST36)
 
 clean-venv:
 	rm -rf $(VENV) $(VENV36)
