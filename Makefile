@@ -2,6 +2,11 @@
 # Both create ./.venv and install what they need into it on first use.
 # TORCH picks the torch wheel; the default pin is the tested CPU build (no CUDA
 # downloads). On a GPU machine use e.g. `make test TORCH=torch`.
+#
+# `make test` also runs the tests of the Triton kernels (the offline compile check for
+# sm_90 / sm_80 and the interpreter tests) under the GPU machine's triton, TRITON36, in a
+# second small venv, ./.venv-triton36 (torch, that triton, numpy, pytest; the project is
+# taken from this checkout by PYTHONPATH). `make test-triton36` runs only that part.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +14,14 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test lint clean-venv gpu-check gpu-check-smoke
+TRITON36 ?= triton==3.6.0
+VENV36 ?= .venv-triton36
+STAMP36 := $(VENV36)/.installed
+# The tests that exercise fastvit_kernels/triton alone: selected here, in one place.
+TRITON_TESTS ?= tests/ops/test_triton_compile.py tests/test_triton_attention.py \
+	tests/test_triton_gemm.py tests/test_triton_layer_norm.py
+
+.PHONY: bench test test-triton36 lint clean-venv gpu-check gpu-check-smoke
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +29,27 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# Only triton (and a numpy its interpreter works with: 3.6 calls int() on 1-element arrays,
+# an error since numpy 2.4) are installed here; torch, pytest and the rest come from
+# $(VENV) through a .pth file, which puts them after this venv's own packages on sys.path.
+$(STAMP36): $(STAMP)
+	$(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/pip install --quiet "$(TRITON36)" "numpy<2.4"
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_path('purelib'))" \
+		> "$$($(VENV36)/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")/fastvit-main-venv.pth"
+	touch $(STAMP36)
+
 bench: $(STAMP)
 	$(BIN)/fastvit bench
 
-test: $(STAMP)
+PYTEST36 = PYTHONPATH=$(CURDIR) $(VENV36)/bin/python -m pytest $(TRITON_TESTS)
+
+test: $(STAMP) $(STAMP36)
 	$(BIN)/python -m pytest tests/
+	$(PYTEST36)
+
+test-triton36: $(STAMP36)
+	$(PYTEST36)
 
 lint: $(STAMP)
 	$(BIN)/ruff check vit bench tests fastvit_kernels
@@ -39,4 +67,4 @@ gpu-check-smoke: $(STAMP)
 	PYTHONPATH=. $(BIN)/python -m bench.gpu_check --smoke --out $(OUT)-smoke
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV36)

@@ -1,0 +1,783 @@
+"""Offline compile check: every Triton kernel launch of the ops, compiled for a GPU that
+this machine does not have, with its registers, spills and shared memory.
+
+Three steps, top to bottom in this file:
+
+1. Record. The op launchers run on meta tensors that say they live on ``cuda:0`` (so the
+   launchers take their GPU paths: split-K, GPU tile sizes, backward group counts), with
+   the device queries of ``_common`` answering for the target (SM count, shared memory
+   per block). Every kernel launch is intercepted instead of run: an autotuned kernel is
+   recorded once per config that its own ``early_config_prune`` keeps for those
+   arguments, a plain ``triton.jit`` kernel once. Each record is what the JIT itself
+   would compile on that GPU: signature, constexprs and specialization attributes
+   (16-byte alignment, divisibility, ints equal to 1) from Triton's own binder.
+2. Compile. Each distinct record is compiled with ``triton.compile`` for the target down
+   to cubin in a pool of worker processes (a compiler crash, even an abort, is a recorded
+   failure); shared memory is ``metadata.shared``, registers and spills come from the
+   verbose report of the ptxas that the triton wheel bundles (``n_regs`` / ``n_spills``
+   are only filled when a driver loads the kernel). Results are cached on disk, keyed by
+   the kernel's source hash, the triton version, the target and the compile's arguments.
+3. Check and report: a compile error, shared memory over the target's per-block limit,
+   or a spill in a 16-bit (fp16 / bf16) config fails; fp32 (ieee dots, for checking
+   rather than speed) may spill but must compile and fit. A markdown table and JSON.
+
+Command line (the kernel modules must be imported with TRITON_INTERPRET unset)::
+
+    python -m fastvit_kernels.triton.compile_check --ci            # the CI subset, sm_90 + sm_80
+    python -m fastvit_kernels.triton.compile_check --full --target 90 --out bench/results/compile/
+
+The kernels are imported by their absolute names, so this file also checks another
+checkout's kernels when run by path with that checkout first on PYTHONPATH.
+
+The recorded workloads call the launchers of each op module by name (``WORKLOADS``):
+a renamed launcher is a recording failure here, to be fixed in that table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import triton
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
+
+
+# ------------------------------------------------------------------------------ targets
+@dataclass(frozen=True)
+class Target:
+    """A GPU to compile for: compute capability, SMs and opt-in shared memory per block."""
+
+    arch: int
+    sm_count: int
+    shared_mem: int
+
+    @property
+    def name(self) -> str:
+        return f"sm_{self.arch}"
+
+    def gpu_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", self.arch, 32)
+
+
+TARGETS = {
+    90: Target(90, sm_count=132, shared_mem=232448),  # H100 / H200 SXM: 227 KiB per block
+    80: Target(80, sm_count=108, shared_mem=166912),  # A100: 163 KiB per block
+}
+
+
+# ------------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class Shape:
+    """The tensor shapes of one ViT: image side, patch, width, heads (MLP = 4x width)."""
+
+    name: str
+    img: int
+    patch: int
+    dim: int
+    heads: int
+
+    @property
+    def tokens(self) -> int:
+        return (self.img // self.patch) ** 2 + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+SHAPES = {s.name: s for s in [
+    Shape("Ti/16", 224, 16, 192, 3),
+    Shape("S/16", 224, 16, 384, 6),
+    Shape("B/16", 224, 16, 768, 12),
+    Shape("B/32", 224, 32, 768, 12),
+    Shape("B/16-384", 384, 16, 768, 12),
+    Shape("L/16", 224, 16, 1024, 16),
+    Shape("L/14", 224, 14, 1024, 16),
+    Shape("H/16", 224, 16, 1280, 16),   # d = 80
+    Shape("S/14", 224, 14, 384, 6),
+    Shape("H/14", 224, 14, 1280, 16),   # d = 80
+    # the other head dims the attention kernels take: 32, 96, 128
+    Shape("S/16-d32", 224, 16, 384, 12),
+    Shape("B/16-d96", 224, 16, 768, 8),
+    Shape("L/16-d128", 224, 16, 1024, 8),
+]}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Which workloads to record: shapes x batches x dtypes, and the extra variants
+    (channels-last images, tanh GELU, norms without affine parameters) when ``extras``."""
+
+    shapes: tuple[str, ...]
+    batches: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    extras: bool = False
+
+
+# The first batch listed stands for the others where launches differ only in alignment.
+FULL = Sweep(tuple(SHAPES), (64, 1, 8, 32, 128, 256), tuple(DTYPES))
+# CI: two shapes (d = 64, 197 tokens, patch 16; d = 80, 257 tokens, patch 14) at a batch
+# large enough for split-K weight gradients; ``ci_subset`` picks the compiles.
+CI = Sweep(("B/16", "H/14"), (64,), ("bf16", "fp32"))
+
+
+# ---------------------------------------------------------------------------- recording
+@dataclass
+class Job:
+    """One compile: a kernel, what the JIT would specialize it on, and one config."""
+
+    module: str
+    kernel: str
+    signature: dict
+    constexprs: dict        # {(arg index,): value}
+    attrs: dict             # {(arg index,): [[attribute, value]]}
+    options: dict           # num_warps, num_stages, num_ctas, maxnreg
+    source_hash: str
+    dtype: str              # element type of the first pointer argument: "fp32", "bf16", ...
+    variant: str            # the constexprs that are not part of the config
+    config: str             # the autotune config (or launch options) in short form
+    rank: int = 0           # position among the configs kept for its launch (0: tried first)
+    origins: list = field(default_factory=list)  # "op dtype shape batch" that launched it
+
+    def replace(self, *, options: dict | None = None, **constexprs) -> "Job":
+        """This job with other constexpr values (by name) or options (e.g. a config the
+        autotuner would never keep, for testing the check)."""
+        names = list(self.signature)  # the kernel's parameters, in order
+        new = {**self.constexprs, **{(names.index(k),): v for k, v in constexprs.items()}}
+        return dataclasses.replace(self, constexprs=new, options={**self.options, **(options or {})},
+                                   config=f"{self.config} -> {constexprs} {options or ''}", origins=list(self.origins))
+
+    def key(self, target: Target, *, exact: bool = True) -> str:
+        """The cache key; ``exact=False`` leaves out the specialization attributes
+        (alignment / divisibility), which merges launches that differ only in them."""
+        data = [self.source_hash, triton.__version__, target.arch, self.module, self.kernel,
+                sorted(self.signature.items()), sorted((repr(k), repr(v)) for k, v in self.constexprs.items()),
+                sorted((repr(k), repr(v)) for k, v in self.attrs.items()) if exact else None,
+                sorted(self.options.items())]
+        return hashlib.sha256(json.dumps(data, default=repr).encode()).hexdigest()[:32]
+
+
+class _MetaCuda(torch.Tensor):
+    """A meta tensor (no storage) that the launchers see as a CUDA tensor."""
+
+
+def _as_meta_cuda(t):
+    return t.as_subclass(_MetaCuda) if isinstance(t, torch.Tensor) and not isinstance(t, _MetaCuda) else t
+
+
+class _FakeCuda(TorchFunctionMode):
+    """Tensors are made on the meta device, and report ``cuda:0`` as their device."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func == torch.Tensor.device.__get__:
+            return torch.device("cuda", 0)
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "meta"}
+        return tree_map(_as_meta_cuda, func(*args, **kwargs))
+
+
+_CONFIG_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def _short(name: str, value) -> str:
+    return name if value is True else f"{name}={value}"
+
+
+class Recorder:
+    """Intercepts kernel launches (see the module doc) and collects distinct ``Job``s."""
+
+    def __init__(self, target: Target):
+        from triton.compiler import make_backend
+        self.target = target
+        self.backend = make_backend(target.gpu_target())
+        self.binders = {}
+        self.jobs: dict[str, Job] = {}
+        self.errors: list[str] = []
+        self.origin = ""
+
+    # A launch of a plain jit kernel, or of one autotune config (``config_keys`` are the
+    # constexprs that the config sets).
+    def launch(self, jit, args, kwargs, config_keys=(), rank=0):
+        from triton.runtime.jit import create_function_from_signature
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        if jit not in self.binders:
+            self.binders[jit] = create_function_from_signature(jit.signature, jit.params, self.backend)
+        bound, specialization, options = self.binders[jit](*args, **kwargs)
+        options, signature, constexprs, attrs = jit._pack_args(self.backend, kwargs, bound, specialization, options)
+        names = [p.name for p in jit.params]
+        named = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
+        opts = {k: getattr(options, k) for k in _CONFIG_KEYS if getattr(options, k, None) is not None}
+        pointer = next((t for t in signature.values() if isinstance(t, str) and t.startswith("*")), "*?")
+        config = " ".join([f"{k}={named[k]}" for k in config_keys]
+                          + [f"w{opts['num_warps']}", f"s{opts['num_stages']}"])
+        variant = ",".join(_short(k, v) for k, v in named.items()
+                           if k not in config_keys and v not in (False, 0, None))
+        job = Job(jit.module, jit.fn.__name__, signature, constexprs, attrs, opts, jit.cache_key,
+                  pointer[1:], variant, config, rank)
+        # Launches that differ only in alignment / divisibility compile to nearly the same
+        # code: the first one recorded stands for them (see the batch order in FULL).
+        job = self.jobs.setdefault(job.key(self.target, exact=False), job)
+        job.rank = min(job.rank, rank)
+        if self.origin not in job.origins:
+            job.origins.append(self.origin)
+
+    @contextlib.contextmanager
+    def active(self):
+        """Launches are recorded, not run, and the device answers for the target."""
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
+        from fastvit_kernels.triton import _common
+
+        recorder = self
+
+        def jit_run(jit, *args, **kwargs):
+            recorder.launch(jit, args, kwargs)
+
+        def autotuner_run(tuner, *args, **kwargs):
+            # What Autotuner.run benchmarks: the configs early_config_prune keeps.
+            tuner.nargs = dict(zip(tuner.arg_names, args))
+            configs = tuner.prune_configs(kwargs) if len(tuner.configs) > 1 else tuner.configs
+            inner = tuner.fn
+            while not isinstance(inner, JITFunction):  # e.g. triton.heuristics in between
+                inner = inner.fn
+            for rank, config in enumerate(configs):
+                if tuner.fn is not inner:
+                    raise NotImplementedError(f"{inner.fn.__name__}: autotune over a wrapper")
+                recorder.launch(inner, args, {**kwargs, **config.all_kwargs()}, tuple(config.kwargs), rank)
+            tuner.nargs = None
+
+        saved = (JITFunction.run, Autotuner.run, _common._sm_count, _common._shared_mem)
+        JITFunction.run, Autotuner.run = jit_run, autotuner_run
+        _common._sm_count = lambda index: self.target.sm_count
+        _common._shared_mem = lambda index: self.target.shared_mem
+        try:
+            with _FakeCuda():
+                yield self
+        finally:
+            JITFunction.run, Autotuner.run, _common._sm_count, _common._shared_mem = saved
+
+    def run(self, name: str, workload: Callable, *args):
+        self.origin = name
+        try:
+            workload(*args)
+        except Exception as exc:  # noqa: BLE001 -- a launcher that cannot run is a finding
+            self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------------- workloads
+def _empty(*shape, dtype):
+    return torch.empty(shape, device="cuda", dtype=dtype)
+
+
+def _patch_embed(s: Shape, batch: int, dtype, extras: bool):
+    from fastvit_kernels.triton.patch_embed import patch_embed_forward, patch_embed_images_grad, patch_embed_weight_grad
+    layouts = [torch.contiguous_format] + ([torch.channels_last] if extras else [])
+    for layout in layouts:
+        images = _empty(batch, 3, s.img, s.img, dtype=dtype).contiguous(memory_format=layout)
+        weight = _empty(s.dim, 3, s.patch, s.patch, dtype=dtype)
+        pos, cls = _empty(1, s.tokens, s.dim, dtype=dtype), _empty(1, 1, s.dim, dtype=dtype)
+        bias = _empty(s.dim, dtype=dtype)
+        patch_embed_forward(images, weight, bias, pos, cls)
+        grad = _empty(batch, s.tokens, s.dim, dtype=dtype)
+        patch_embed_weight_grad(grad, images, weight)
+        patch_embed_images_grad(grad, weight, images)
+
+
+def _layer_norms(s: Shape, batch: int, dtype, extras: bool):
+    from fastvit_kernels.triton.layer_norm import layer_norm_backward, layer_norm_forward
+    x, r, dy, ds = (_empty(batch, s.tokens, s.dim, dtype=dtype) for _ in range(4))
+    affine = [(_empty(s.dim, dtype=dtype), _empty(s.dim, dtype=dtype))] + ([(None, None)] if extras else [])
+    for w, b in affine:
+        _, _, mean, rstd = layer_norm_forward(x, None, w, b, 1e-6)
+        layer_norm_backward(dy, None, x, w, mean, rstd, b is not None)
+        _, summed, mean, rstd = layer_norm_forward(x, r, w, b, 1e-6)     # add_layer_norm
+        layer_norm_backward(dy, ds, summed, w, mean, rstd, b is not None)
+
+
+def _linear_gelu(s: Shape, batch: int, dtype, extras: bool):
+    from fastvit_kernels.triton.linear_gelu import (linear_gelu_backward, linear_gelu_backward_recompute,
+                                                    linear_gelu_forward)
+    hidden = 4 * s.dim
+    x = _empty(batch, s.tokens, s.dim, dtype=dtype)
+    weight, bias = _empty(hidden, s.dim, dtype=dtype), _empty(hidden, dtype=dtype)
+    grad = _empty(batch, s.tokens, hidden, dtype=dtype)
+    for approximate in ["none"] + (["tanh"] if extras else []):
+        linear_gelu_forward(x, weight, bias, approximate)                          # inference
+        _, act_grad = linear_gelu_forward(x, weight, bias, approximate, save_act_grad=True)  # training
+        linear_gelu_backward(grad, x, weight, act_grad)
+        linear_gelu_backward_recompute(grad, x, weight, bias, approximate)
+
+
+def _attention(q, k, v, out, dout, d_q, d_k, d_v):
+    from fastvit_kernels.triton.attention import attention_backward, attention_forward
+    scale = q.shape[-1] ** -0.5
+    lse = attention_forward(q, k, v, out, scale)
+    attention_backward(dout, None, q, k, v, out, lse, d_q, d_k, d_v, scale)
+
+
+def _unpacked_attention(s: Shape, batch: int, dtype, extras: bool):
+    """(B, H, N, d) contiguous q, k, v, as ``attention(q, k, v)`` gets them."""
+    _attention(*(_empty(batch, s.heads, s.tokens, s.head_dim, dtype=dtype) for _ in range(8)))
+
+
+def _packed_attention(s: Shape, batch: int, dtype, extras: bool):
+    """Views of the qkv Linear's (B, N, 3*D) output laid out (B, N, 3, H, d), as
+    ``packed_attention(qkv, H)`` reads it; outputs (B, N, D) = (B, N, H, d)."""
+    def split(t):
+        return t.unflatten(-1, (3, s.heads, s.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def heads(t):
+        return t.unflatten(-1, (s.heads, s.head_dim)).transpose(1, 2)
+
+    qkv, dqkv = (_empty(batch, s.tokens, 3 * s.dim, dtype=dtype) for _ in range(2))
+    out, dout = (heads(_empty(batch, s.tokens, s.dim, dtype=dtype)) for _ in range(2))
+    q, k, v = split(qkv)
+    dq, dk, dv = split(dqkv)
+    _attention(q, k, v, out, dout, dq, dk, dv)
+
+
+WORKLOADS: dict[str, Callable] = {
+    "patch_embed": _patch_embed,
+    "layer_norm": _layer_norms,
+    "linear_gelu": _linear_gelu,
+    "attention": _unpacked_attention,
+    "packed_attention": _packed_attention,
+}
+
+
+def record(sweep: Sweep, target: Target, ops: Iterable[str] = tuple(WORKLOADS)) -> tuple[list[Job], list[str]]:
+    """The distinct compiles of ``sweep`` on ``target``, and the launchers that failed."""
+    from fastvit_kernels.triton import _common
+    if _common.INTERPRET:
+        raise RuntimeError("the kernel modules were imported with TRITON_INTERPRET=1: "
+                           "unset it before fastvit_kernels.triton is imported")
+    recorder = Recorder(target)
+    with recorder.active():
+        for shape in sweep.shapes:
+            for batch in sweep.batches:
+                for dtype in sweep.dtypes:
+                    for op in ops:
+                        recorder.run(f"{op} {dtype} {shape} b{batch}", WORKLOADS[op], SHAPES[shape],
+                                     batch, DTYPES[dtype], sweep.extras)
+    return list(recorder.jobs.values()), recorder.errors
+
+
+def _tokens(job: Job) -> set:
+    return set(job.variant.split(","))
+
+
+# CI: (kernel prefix, dtype, variant tokens) whose every kept config is compiled; everything
+# else in the CI sweep is compiled at its first kept config only (16-bit) or not at all (fp32).
+_CI_ALL_CONFIGS = [
+    ("_attn", "bf16", set()),                                    # both head dims, fwd and bwd
+    ("_layer_norm", "bf16", set()),
+    ("_gemm_kernel", "bf16", {"ACT_GRAD_OUT"}),                  # training forward, saves GELU'
+    ("_gemm_kernel", "bf16", {"EPI_GELU_GRAD"}),                 # recompute backward
+    ("_gemm_kernel", "bf16", {"P=14", "HAS_CLS"}),               # patch-14 forward, K = 588
+    ("_gemm_kernel", "fp32", {"PROLOGUE_SCALE", "ROWSUM_A"}),    # dW + bias grad from saved GELU'
+    ("_layer_norm", "fp32", set()),
+    # fp32 attention at d = 64 only: its ieee dots at BLOCK_D = 128 take minutes per backward kernel.
+    ("_attn", "fp32", {"BLOCK_D=64"}),
+]
+# fp32 compiled at the first kept config only (besides the above): the recompute backward's
+# dW + bias grad (row sums without a prologue) crashed triton 3.6's compiler in every config.
+_CI_FP32_FIRST_CONFIG = [("_gemm_kernel", "fp32", {"ROWSUM_A"})]
+# sm_80 (A100): one spot check of each op family's first config (shared memory is smaller).
+_SM80_SPOT = [("_attn_fwd", "bf16", set()), ("_gemm_kernel", "bf16", {"ACT_GRAD_OUT"})]
+
+
+def ci_subset(jobs: list[Job], target: Target) -> list[Job]:
+    """The compiles CI runs out of the CI sweep: every kernel and every 16-bit variant
+    (epilogue, prologue, index maps, patch size, head dim) at least at the config the
+    autotuner tries first; every kept config where spills and shared memory were found
+    before (``_CI_ALL_CONFIGS``); fp32 where it crashed or overflowed. sm_80: a spot check."""
+    def matches(job, rules):
+        return any(job.kernel.startswith(k) and job.dtype == d and t <= _tokens(job) for k, d, t in rules)
+
+    if target.arch != 90:
+        return [j for j in jobs if j.rank == 0 and matches(j, _SM80_SPOT)]
+    return [j for j in jobs if matches(j, _CI_ALL_CONFIGS)
+            or (j.rank == 0 and (j.dtype != "fp32" or matches(j, _CI_FP32_FIRST_CONFIG)))]
+
+
+# ------------------------------------------------------------------------------ compile
+@dataclass
+class Result:
+    """A compiled job: shared memory (bytes), registers per thread, spill bytes per thread."""
+
+    job: Job
+    shared: int | None = None
+    regs: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    cached: bool = False
+
+    @property
+    def spills(self) -> int:
+        return max(self.spill_stores or 0, self.spill_loads or 0)
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def parse_ptxas(log: str) -> tuple[int | None, int, int]:
+    """(registers, spill store bytes, spill load bytes) from ``ptxas -v`` output (one kernel)."""
+    regs = [int(m) for m in _PTXAS_REGS.findall(log)]
+    spills = [(int(a), int(b)) for a, b in _PTXAS_SPILLS.findall(log)]
+    return (max(regs) if regs else None, max((a for a, _ in spills), default=0),
+            max((b for _, b in spills), default=0))
+
+
+def _find_kernel(module: str, name: str):
+    import importlib
+    from triton.runtime.jit import JITFunction
+    for obj in vars(importlib.import_module(module)).values():
+        while obj is not None and not isinstance(obj, JITFunction) and hasattr(obj, "fn"):
+            obj = obj.fn
+        if isinstance(obj, JITFunction) and obj.fn.__name__ == name:
+            return obj
+    raise LookupError(f"no jit kernel {name} in {module}")
+
+
+def _error_text(exc: BaseException, stderr: str) -> str:
+    lines = [f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"]
+    lines += [ln.strip() for ln in stderr.splitlines() if re.search(r"error|Assertion|failed", ln)][:3]
+    return " | ".join(lines)[:400]
+
+
+def compile_job(job: Job, target: Target, stderr_path: str | None = None) -> dict:
+    """Compile ``job`` here (TRITON_INTERPRET unset, TRITON_ALWAYS_COMPILE and
+    TRITON_DUMP_PTXAS_LOG set: see ``_worker_env``); a dict of Result's fields."""
+    from triton.compiler import ASTSource
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    log = io.StringIO()
+    try:
+        src = ASTSource(_find_kernel(job.module, job.kernel), job.signature, job.constexprs, job.attrs)
+        with contextlib.redirect_stdout(log):  # triton prints the ptxas log (and the PTX on failure)
+            compiled = triton.compile(src, target=target.gpu_target(), options=dict(job.options))
+        regs, stores, loads = parse_ptxas(log.getvalue())
+        out = dict(shared=int(compiled.metadata.shared), regs=regs, spill_stores=stores, spill_loads=loads)
+    except Exception as exc:  # noqa: BLE001 -- a compiler failure is a result
+        stderr = Path(stderr_path).read_text(errors="replace") if stderr_path else ""
+        out = dict(error=_error_text(exc, stderr))
+    out["seconds"] = time.perf_counter() - start
+    out["cpu_seconds"] = _cpu_seconds() - cpu
+    return out
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas): compile cost on a busy machine."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _send(stream, obj) -> None:
+    data = pickle.dumps(obj)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream):
+    """The next message, or None at end of stream (the other side is gone)."""
+    head = stream.read(8)
+    if len(head) < 8:
+        return None
+    (size,) = struct.unpack("<Q", head)
+    data = stream.read(size)
+    return pickle.loads(data) if len(data) == size else None
+
+
+def _worker_loop() -> None:
+    """``--worker``: compile jobs read from stdin, answer on stdout. fd 1 is pointed at
+    stderr (a file the parent reads when this process dies) so that nothing that the
+    compiler prints can corrupt the answers; stderr is emptied before each job."""
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    requests = sys.stdin.buffer
+    while (msg := _receive(requests)) is not None:
+        job, arch = msg
+        os.ftruncate(2, 0)
+        os.lseek(2, 0, os.SEEK_SET)
+        _send(answers, compile_job(Job(**job), TARGETS[arch], "/dev/stderr"))
+
+
+def _worker_env(tmp: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    import fastvit_kernels  # the workers import the kernels that the recording saw
+    root = str(Path(fastvit_kernels.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.update(TRITON_CACHE_DIR=os.path.join(tmp, "triton"), TRITON_ALWAYS_COMPILE="1",
+               TRITON_DUMP_PTXAS_LOG="1", PYTHONWARNINGS="ignore")
+    return env
+
+
+_MODULE = "fastvit_kernels.triton.compile_check"
+
+
+class _Worker:
+    """A compiler process (``python -m ...compile_check --worker``) and its current job."""
+
+    def __init__(self, tmp: str, index: int):
+        self.stderr_path = os.path.join(tmp, f"worker{index}.stderr")
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                         env=_worker_env(tmp))
+        self.job, self.started = None, 0.0
+
+    def submit(self, job: Job, target: Target) -> None:
+        self.job, self.started = job, time.perf_counter()
+        _send(self.proc.stdin, (dataclasses.asdict(job), target.arch))
+
+    def stderr_tail(self, lines: int = 3) -> list[str]:
+        text = Path(self.stderr_path).read_text(errors="replace") if os.path.exists(self.stderr_path) else ""
+        return [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FASTVIT_COMPILE_CACHE", Path.home() / ".cache" / "fastvit" / "compile_check"))
+
+
+def compile_jobs(jobs: list[Job], target: Target, *, workers: int | None = None,
+                 cache_dir: Path | None = None, timeout: float = 900.0,
+                 progress: Callable[[str], None] | None = None) -> list[Result]:
+    """Compile every job (cached ones are read back) in ``workers`` processes."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    results = {id(j): Result(j) for j in jobs}
+    todo = []
+    for job in jobs:
+        path = cache_dir / f"{job.key(target)}.json"
+        if path.exists():
+            r = results[id(job)]
+            for k, v in json.loads(path.read_text()).items():
+                setattr(r, k, v)
+            r.cached = True
+        else:
+            todo.append(job)
+    # Slowest first: fp32 (ieee dots) and attention backward take the longest.
+    todo.sort(key=lambda j: (j.dtype != "fp32", "bwd" not in j.kernel))
+    start, done = time.perf_counter(), 0
+
+    def finish(job, fields):
+        nonlocal done
+        r = results[id(job)]
+        for k, v in fields.items():
+            setattr(r, k, v)
+        if not (r.error or "").startswith("timeout"):  # a timeout may pass on a quieter machine
+            tmp_path = cache_dir / f".{job.key(target)}.{os.getpid()}.tmp"
+            tmp_path.write_text(json.dumps(fields))
+            tmp_path.replace(cache_dir / f"{job.key(target)}.json")
+        done += 1
+        if progress:
+            status = r.error or f"regs {r.regs} spill {r.spills} smem {r.shared}"
+            progress(f"[{done}/{len(todo)} {time.perf_counter() - start:5.0f}s] {job.kernel} {job.dtype} "
+                     f"{job.config} ({r.seconds:.1f}s): {status}")
+
+    if not todo:
+        return [results[id(j)] for j in jobs]
+    tmp = tempfile.mkdtemp(prefix="fastvit-compile-")
+    pool = [_Worker(tmp, i) for i in range(max(1, min(workers or os.cpu_count() or 1, len(todo))))]
+    spawned = len(pool)
+    queue = list(todo)
+    try:
+        for w in pool:
+            if queue:
+                w.submit(queue.pop(0), target)
+        while any(w.job for w in pool):
+            busy = {w.proc.stdout: w for w in pool if w.job}
+            for stream in wait(list(busy), timeout=5.0):
+                w = busy[stream]
+                answer = _receive(stream)
+                if answer is None:  # the compiler process died (e.g. an assertion aborted it)
+                    w.kill()
+                    code = w.proc.returncode
+                    why = f"compiler process died ({signal.Signals(-code).name if code < 0 else code})"
+                    finish(w.job, dict(error=" | ".join([why] + w.stderr_tail())[:400],
+                                       seconds=time.perf_counter() - w.started))
+                    pool[pool.index(w)] = w = _Worker(tmp, spawned)
+                    spawned += 1
+                else:
+                    finish(w.job, answer)
+                w.job = None
+                if queue:
+                    w.submit(queue.pop(0), target)
+            for i, w in enumerate(pool):
+                if w.job and time.perf_counter() - w.started > timeout:
+                    w.kill()
+                    finish(w.job, dict(error=f"timeout after {timeout:.0f}s", seconds=timeout))
+                    pool[i] = w = _Worker(tmp, spawned)
+                    spawned += 1
+                    if queue:
+                        w.submit(queue.pop(0), target)
+    finally:
+        for w in pool:
+            w.kill() if w.job else w.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [results[id(j)] for j in jobs]
+
+
+# ------------------------------------------------------------------- checking, reporting
+def problems(results: list[Result], target: Target) -> list[str]:
+    """What fails the check: compile errors, shared memory over the target's limit,
+    spills in 16-bit configs (fp32 ones may spill)."""
+    out = []
+    for r in results:
+        j = r.job
+        where = f"{j.kernel} {j.dtype} [{j.variant}] {j.config} ({j.origins[0]})"
+        if r.error:
+            out.append(f"compile error: {where}: {r.error}")
+            continue
+        if r.shared is None or r.shared > target.shared_mem:
+            out.append(f"shared memory {r.shared} B > {target.shared_mem} B ({target.name}): {where}")
+        if r.regs is None:
+            out.append(f"no ptxas register report: {where}")
+        if r.spills and j.dtype != "fp32":
+            out.append(f"spills {r.spill_stores} B stores / {r.spill_loads} B loads ({j.dtype}): {where}")
+    return out
+
+
+def totals(results: list[Result], target: Target) -> dict:
+    ok = [r for r in results if not r.error]
+
+    def worst(attr):
+        r = max(ok, key=lambda r: getattr(r, attr) or 0, default=None)
+        return None if r is None else {"value": getattr(r, attr), "kernel": r.job.kernel, "dtype": r.job.dtype,
+                                       "variant": r.job.variant, "config": r.job.config}
+
+    return {
+        "target": target.name, "triton": triton.__version__, "configs": len(results),
+        "failures": sum(1 for r in results if r.error),
+        "over_shared_mem": sum(1 for r in ok if (r.shared or 0) > target.shared_mem),
+        "spilling": sum(1 for r in ok if r.spills),
+        "spilling_16bit": sum(1 for r in ok if r.spills and r.job.dtype != "fp32"),
+        "worst_regs": worst("regs"), "worst_spill_stores": worst("spill_stores"), "worst_shared": worst("shared"),
+        "problems": len(problems(results, target)),
+        "compile_seconds": round(sum(r.seconds for r in results if not r.cached), 1),
+        "compile_cpu_seconds": round(sum(r.cpu_seconds for r in results if not r.cached), 1),
+    }
+
+
+def markdown(results: list[Result], target: Target) -> str:
+    """The table, one row per compile, sorted by kernel, dtype and variant."""
+    t = totals(results, target)
+    lines = [f"Compile check for {target.name} (shared memory limit {target.shared_mem} B), "
+             f"triton {triton.__version__}: "
+             f"{t['configs']} configs, {t['failures']} failures, {t['over_shared_mem']} over shared memory, "
+             f"{t['spilling']} spilling ({t['spilling_16bit']} in fp16/bf16).", "",
+             "| kernel | dtype | variant | config | regs | spill st/ld B | smem B | status | launched by |",
+             "|---|---|---|---|---:|---:|---:|---|---|"]
+    for r in sorted(results, key=lambda r: (r.job.kernel, r.job.dtype, r.job.variant, r.job.config)):
+        j = r.job
+        if r.error:
+            status = "ERROR " + r.error.replace("|", "/")[:160]
+        else:
+            bad = [("smem>limit" if (r.shared or 0) > target.shared_mem else ""),
+                   ("SPILL" if r.spills and j.dtype != "fp32" else ("spill" if r.spills else ""))]
+            status = " ".join(b for b in bad if b) or "ok"
+        more = f" (+{len(j.origins) - 1})" if len(j.origins) > 1 else ""
+        spill = "" if r.error else f"{r.spill_stores}/{r.spill_loads}"
+        lines.append(f"| {j.kernel} | {j.dtype} | {j.variant} | {j.config} | {r.regs if r.regs is not None else ''} "
+                     f"| {spill} | {r.shared if r.shared is not None else ''} | {status} | {j.origins[0]}{more} |")
+    return "\n".join(lines) + "\n"
+
+
+def _result_json(r: Result) -> dict:
+    j = r.job
+    return {"kernel": j.kernel, "module": j.module, "dtype": j.dtype, "variant": j.variant, "config": j.config,
+            "options": j.options, "regs": r.regs, "spill_stores": r.spill_stores, "spill_loads": r.spill_loads,
+            "shared": r.shared, "error": r.error, "seconds": round(r.seconds, 2),
+            "cpu_seconds": round(r.cpu_seconds, 2), "origins": j.origins}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m " + _MODULE, description=__doc__.split("\n\n")[0])
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--ci", action="store_true", help="the CI subset (default), sm_90 and sm_80")
+    scope.add_argument("--full", action="store_true", help="every preset, batch and dtype, every kept config")
+    p.add_argument("--extras", action="store_true",
+                   help="with --full: also channels-last images, tanh GELU, norms without weight and bias")
+    p.add_argument("--target", type=int, action="append", choices=sorted(TARGETS),
+                   help="compute capability, repeatable (default: 90 and 80 with --ci, 90 with --full)")
+    p.add_argument("--out", type=Path, help="directory for compile_sm<arch>.md and .json")
+    p.add_argument("--workers", type=int, default=None, help="compile processes (default: all cores)")
+    p.add_argument("--cache", type=Path, default=None, help=f"result cache (default: {default_cache_dir()})")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        _worker_loop()
+        return 0
+    sweep = dataclasses.replace(FULL, extras=args.extras) if args.full else CI
+    progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    status = 0
+    for arch in args.target or ([90] if args.full else [90, 80]):
+        target = TARGETS[arch]
+        start = time.perf_counter()
+        jobs, rec_errors = record(sweep, target)
+        if not args.full:
+            jobs = ci_subset(jobs, target)
+        results = compile_jobs(jobs, target, workers=args.workers, cache_dir=args.cache, progress=progress)
+        found = [f"recording failed: {e}" for e in rec_errors] + problems(results, target)
+        t = totals(results, target)
+        t.update(wall_seconds=round(time.perf_counter() - start, 1), cached=sum(r.cached for r in results),
+                 recording_errors=rec_errors, sweep=dataclasses.asdict(sweep), ci_subset=not args.full)
+        table = markdown(results, target)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"compile_{target.name}.md").write_text(table)
+            (args.out / f"compile_{target.name}.json").write_text(json.dumps(
+                {"totals": t, "problems": found, "results": [_result_json(r) for r in results]}, indent=1))
+        if not args.full or not args.out:
+            print(table)
+        print("\n".join(found) if found else "no problems", flush=True)
+        print(json.dumps({k: v for k, v in t.items() if k not in ("sweep", "recording_errors")}), flush=True)
+        status = status or int(bool(found))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
