@@ -23,20 +23,21 @@ MAX_HEAD_DIM = 128
 # ---------------------------------------------------------------------------------- configs
 # Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim (BLOCK_D <= 64,
 # and 128 for d = 80, 96, 128), best guess first: the first one that fits is what
-# FASTVIT_AUTOTUNE=0 runs, and the last is the one fp32 gets. Each compiles for sm_90
-# without spilling in fp16 and bf16 on triton 3.6 and 3.9. Eight warps (two Hopper
-# warpgroups) where a program's tiles would not fit 4 warps' registers.
+# FASTVIT_AUTOTUNE=0 runs, and the last (small tiles over 8 warps, so that fp32's ieee dots
+# spill little) is the one fp32 gets. Each compiles for sm_90 without spilling in fp16 and
+# bf16 on triton 3.6 and 3.9. Eight warps (two Hopper warpgroups) where a program's tiles
+# would not fit 4 warps' registers.
 _FWD = {   # BLOCK_M queries owned, BLOCK_N keys streamed
-    64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
-    128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
+    64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 8, 2)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2)],
 }
 _DKDV = {  # BLOCK_N keys owned, BLOCK_M queries streamed
-    64: [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)],
-    128: [(32, 128, 8, 3), (16, 128, 8, 3), (64, 64, 8, 2), (32, 64, 8, 3), (16, 64, 4, 3)],
+    64: [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 2), (32, 64, 8, 3)],
+    128: [(32, 128, 8, 3), (16, 128, 8, 3), (64, 64, 8, 2), (32, 64, 8, 3), (16, 64, 8, 3)],
 }
 _DQ = {    # BLOCK_M queries owned, BLOCK_N keys streamed
-    64: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
+    64: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 8, 3)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 8, 3)],
 }
 _INTERPRET_CONFIG = (64, 64, 4, 1)   # the interpreter: one config, nothing to tune
 
