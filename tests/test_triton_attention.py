@@ -15,12 +15,12 @@ and layout once), not the full cross product; CUDA runs a wider sweep.
 
 import pytest
 import torch
+from parity import FP32_RTOL, assert_parity, rand, upcast
 
 import fastvit_kernels as fk
 from fastvit_kernels import reference
 from fastvit_kernels.triton import attention as tattn
 from fastvit_kernels.triton._common import H100_SHARED_MEM
-from parity import FP32_RTOL, assert_parity, rand, upcast
 
 ON_CUDA = torch.cuda.is_available()
 LAYOUTS = ("separate", "views", "packed")
@@ -270,7 +270,7 @@ def test_gradient_layouts(device):
     q = rand(batch, tokens, heads, head_dim, device=device).transpose(1, 2)  # dense, permuted
     k, v = (rand(batch, heads, tokens, head_dim, device=device) for _ in range(2))
     out, lse = torch.ops.fastvit_triton.attention(q, k, v, 0.2)
-    dq, dk, dv = torch.ops.fastvit_triton.attention_backward(
+    dq, dk, _ = torch.ops.fastvit_triton.attention_backward(
         torch.randn_like(out), None, q, k, v, out, lse, 0.2)
     assert dq.stride() == q.stride() and dk.stride() == k.stride()
 

@@ -15,7 +15,13 @@ import torch
 import triton
 
 from ._common import INTERPRET, dtype_unsupported, max_shared_mem
-from .attention_kernels import LOG2E, attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess, attn_fwd
+from .attention_kernels import (
+    LOG2E,
+    attn_bwd_dkdv,
+    attn_bwd_dq,
+    attn_bwd_preprocess,
+    attn_fwd,
+)
 
 MAX_HEAD_DIM = 128
 
@@ -52,8 +58,8 @@ def _head_dim_class(block_d: int) -> int:
 def smem_estimate(conf, args, owned: str, owned_tiles: int) -> int:
     """Shared memory of a config in bytes: the owned tiles (q; or k and v / q and dO in the
     backward) plus ``num_stages`` copies of the two streamed tiles. Compiled for sm_90 by
-    triton 3.6 and 3.9, every candidate allocates at most 1 KiB more (the backward's lse
-    and delta rows), well inside the margin; fp32 allocates less."""
+    triton 3.6 and 3.9, every candidate in every dtype allocates at most 1 KiB more (the
+    backward's lse and delta rows), well inside the margin."""
     bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
     owned_rows, streamed = (bm, bn) if owned == "BLOCK_M" else (bn, bm)
     rows = owned_tiles * owned_rows + 2 * streamed * conf.num_stages
@@ -127,12 +133,12 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 def _common(q: torch.Tensor, k: torch.Tensor) -> dict:
     head_dim = q.shape[-1]
-    return dict(
-        H=q.shape[1], N_Q=q.shape[2], N_K=k.shape[2],
-        N_BUCKET=_n_bucket(max(q.shape[2], k.shape[2])),
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
+    return {
+        "H": q.shape[1], "N_Q": q.shape[2], "N_K": k.shape[2],
+        "N_BUCKET": _n_bucket(max(q.shape[2], k.shape[2])),
+        "HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
 
 
 def attention_forward(q, k, v, out, scale: float) -> torch.Tensor:
@@ -145,7 +151,7 @@ def attention_forward(q, k, v, out, scale: float) -> torch.Tensor:
     if lse.numel() == 0:
         return lse
     meta = _common(q, k)
-    grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]) * batch * heads,)  # noqa: E731
+    grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]) * batch * heads,)
     _attn_fwd_tuned[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         qk_scale=scale * LOG2E, **meta,
