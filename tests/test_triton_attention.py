@@ -20,6 +20,7 @@ import fastvit_kernels as fk
 from fastvit_kernels import reference
 from fastvit_kernels.triton import attention as tattn
 from fastvit_kernels.testing import FP32_RTOL, assert_parity, rand, upcast
+from fastvit_kernels.triton._common import H100_SHARED_MEM
 
 ON_CUDA = torch.cuda.is_available()
 LAYOUTS = ("separate", "views", "packed")
@@ -187,14 +188,29 @@ def test_parity_cuda_sweep(layout, head_dim, n, dtype, device, monkeypatch):
     _check_parity(layout, 2, 3, n, n, head_dim, dtype, device)
 
 
+_TUNED = {"fwd": (tattn._attn_fwd_tuned, tattn._FWD), "dkdv": (tattn._attn_bwd_dkdv_tuned, tattn._DKDV),
+          "dq": (tattn._attn_bwd_dq_tuned, tattn._DQ)}
+
+
+def _config(bm, bn, warps, stages):
+    return tattn.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("index", range(8))
-def test_every_autotune_candidate_cuda(index, device, monkeypatch):
-    """Each autotune candidate of each kernel is correct (the tuner may pick any)."""
-    for tuned in (tattn._attn_fwd_tuned, tattn._attn_bwd_dkdv_tuned, tattn._attn_bwd_dq_tuned):
-        monkeypatch.setattr(tuned, "configs", [tuned.configs[index % len(tuned.configs)]])
-    _check_parity("packed", 2, 3, 197, 197, 64, torch.bfloat16, device)
-    _check_parity("separate", 1, 2, 577, 577, 64, torch.float16, device)
+@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("head_dim", [64, 96])
+def test_every_autotune_candidate_cuda(index, head_dim, device, monkeypatch):
+    """Each autotune candidate of each kernel is correct at a head dim of its list (the
+    tuner may pick any): d=64 for the BLOCK_D <= 64 lists, d=96 for the 128 ones."""
+    for tuned, lists in _TUNED.values():
+        cands = lists[tattn._head_dim_class(head_dim)]
+        want = cands[index % len(cands)]
+        chosen = [c for c in tuned.configs
+                  if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == want]
+        assert len(chosen) == 1, f"candidate {want} should be one of the autotuner's configs"
+        monkeypatch.setattr(tuned, "configs", chosen)
+    _check_parity("packed", 2, 3, 197, 197, head_dim, torch.bfloat16, device)
+    _check_parity("separate", 1, 2, 577, 577, head_dim, torch.float16, device)
 
 
 @pytest.mark.cuda
@@ -254,7 +270,7 @@ def test_gradient_layouts(device):
     q = rand(batch, tokens, heads, head_dim, device=device).transpose(1, 2)  # dense, permuted
     k, v = (rand(batch, heads, tokens, head_dim, device=device) for _ in range(2))
     out, lse = torch.ops.fastvit_triton.attention(q, k, v, 0.2)
-    dq, dk, dv = torch.ops.fastvit_triton.attention_backward(
+    dq, dk, _ = torch.ops.fastvit_triton.attention_backward(
         torch.randn_like(out), None, q, k, v, out, lse, 0.2)
     assert dq.stride() == q.stride() and dk.stride() == k.stride()
 
@@ -407,14 +423,62 @@ def test_supports_reasons(device):
 
 def test_autotune_filter_follows_device_shared_memory(monkeypatch):
     """Configs are kept by the device's shared-memory limit (the H100 figure off CUDA)."""
-    conf = tattn.triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    conf = _config(128, 64, 8, 3)
     args = {"N_Q": 1024, "N_K": 1024, "BLOCK_D": 128, "Q": torch.empty(1, dtype=torch.float16)}
     # forward: one 128-row q tile + 3 stages of 64-row k and v tiles, d = 128, fp16: 128 KiB
+    assert tattn.smem_estimate(conf, args, "BLOCK_M", 1) == 128 * 1024
     assert tattn._keep(conf, args, "BLOCK_M", 1)
     monkeypatch.setattr(tattn, "max_shared_mem", lambda device: 128 * 1024)
     assert not tattn._keep(conf, args, "BLOCK_M", 1)
     monkeypatch.setattr(tattn, "max_shared_mem", lambda device: 136 * 1024)
     assert tattn._keep(conf, args, "BLOCK_M", 1)
+
+
+_OWNED = {"fwd": ("BLOCK_M", 1), "dkdv": ("BLOCK_N", 2), "dq": ("BLOCK_M", 2)}
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_candidate_lists_fit_hopper(kernel):
+    """Every candidate fits an H100's shared memory (227 KiB less the margin) by the
+    estimate at its list's widest head dim in fp16/bf16, and the last one, which fp32
+    gets, in fp32 too; the lists hold no duplicates and go down to small tiles."""
+    budget = H100_SHARED_MEM - tattn._SMEM_MARGIN
+    for cls, cands in _TUNED[kernel][1].items():
+        assert len(set(cands)) == len(cands), f"{kernel} d<={cls}: duplicate candidates {cands}"
+        for dtype in (torch.float16, torch.float32):
+            for cand in cands if dtype == torch.float16 else cands[-1:]:
+                args = {"BLOCK_D": cls, "Q": torch.empty(1, dtype=dtype)}
+                smem = tattn.smem_estimate(_config(*cand), args, *_OWNED[kernel])
+                assert smem <= budget, f"{kernel} d<={cls} {dtype} {cand}: {smem} B > {budget} B"
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_prune_keeps_the_head_dim_list_in_order(kernel, monkeypatch):
+    """The prune offers a launch its head dim's list, best guess first, less the configs
+    that do not fit; fp32 gets only the last of them; FASTVIT_AUTOTUNE=0 the first."""
+    lists = _TUNED[kernel][1]
+    by_class = {cls: [_config(*c) for c in cands] for cls, cands in lists.items()}
+    offered = [c for cands in by_class.values() for c in cands]
+    prune = tattn._prune(by_class, *_OWNED[kernel])
+    monkeypatch.setenv("FASTVIT_AUTOTUNE", "1")
+
+    def run(block_d, dtype, n=1025):
+        args = {"N_Q": n, "N_K": n, "BLOCK_D": block_d, "Q": torch.empty(1, dtype=dtype),
+                "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+        return prune(offered, args)
+
+    for block_d, cls in ((16, 64), (32, 64), (64, 64), (128, 128)):
+        assert run(block_d, torch.bfloat16) == by_class[cls]
+        assert run(block_d, torch.float32) == by_class[cls][-1:]
+    # Short sequences drop owned tiles longer than max(64, next_pow2(N)).
+    owned = _OWNED[kernel][0]
+    assert all(c.kwargs[owned] <= 64 for c in run(64, torch.float16, n=40))
+    # A small device keeps only what fits (here nothing: the last candidate as fallback).
+    monkeypatch.setattr(tattn, "max_shared_mem", lambda device: 8 * 1024)
+    assert run(128, torch.float16) == by_class[128][-1:]
+    monkeypatch.setattr(tattn, "max_shared_mem", lambda device: H100_SHARED_MEM)
+    monkeypatch.setenv("FASTVIT_AUTOTUNE", "0")
+    assert run(128, torch.float16) == by_class[128][:1]
 
 
 def test_bad_input_raises(device):
