@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from . import weights
 from .config import ViTConfig, get_config
+
+logger = logging.getLogger("vit")
 
 
 def model_class(fast: bool):
@@ -74,19 +77,31 @@ def read_config(path) -> ViTConfig:
     return ViTConfig.from_dict(json.loads(meta[weights.CONFIG_METADATA_KEY]))
 
 
-def load_pretrained(model: torch.nn.Module, path) -> torch.nn.Module:
-    """Load a timm / HF / our checkpoint (file or HF snapshot directory) into ``model``.
+def checkpoint_grid(path) -> tuple[int, int] | None:
+    """The patch grid the checkpoint at ``path`` was trained at, when it says so (a HF
+    config.json or our metadata); None otherwise (a square grid is then inferred)."""
+    try:
+        return read_config(path).grid_size
+    except (FileNotFoundError, ValueError):
+        return None
 
-    The position embedding is resampled when the checkpoint's grid differs from the
-    model's; every other mismatch raises a ValueError naming the keys.
-    """
-    state = weights.convert_state_dict(weights.load(_weights_file(Path(path))))
-    pos = state.get("pos_embed")
-    if pos is not None and pos.shape != model.pos_embed.shape and pos.dim() == 3:
-        state["pos_embed"] = weights.resample_pos_embed(pos, model.config.grid_size,
-                                                     num_prefix_tokens=model.num_prefix_tokens)
-    weights.check_state_dict(model, state)
-    model.load_state_dict(state, strict=True)
+def load_checkpoint(model: torch.nn.Module, path) -> weights.LoadReport:
+    """Load a timm / HF / our checkpoint (file or HF snapshot directory) into ``model``,
+    fitted to it as for fine-tuning (see ``vit.weights.fit_state_dict``): a classifier
+    of another size or none is re-initialized, the position embedding resampled, the patch
+    embedding adapted to the channel count. Any other mismatch raises a ValueError naming
+    the keys. Returns what was loaded, re-initialized, resampled or adapted."""
+    path = Path(path)
+    file = _weights_file(path)
+    state = weights.convert_state_dict(weights.load(file))
+    report = weights.load_into(model, state, source=str(file), grid=checkpoint_grid(path))
+    logger.info("%s", report)
+    return report
+
+
+def load_pretrained(model: torch.nn.Module, path) -> torch.nn.Module:
+    """``load_checkpoint`` that returns the model (the report goes to the ``vit`` logger)."""
+    load_checkpoint(model, path)
     return model
 
 
@@ -97,7 +112,10 @@ def create_model(name: str, *, fast: bool = False, pretrained=None, **overrides)
     layout, or a HF snapshot directory (config.json + model.safetensors). For a snapshot
     directory with a config.json, the snapshot's config wins over the preset's (its
     ``layer_norm_eps``, number of labels, sizes ...), with ``overrides`` applied on top;
-    ``name`` must still be a known preset.
+    ``name`` must still be a known preset. The weights are fitted for fine-tuning
+    (``load_checkpoint``): e.g. ``num_classes=10, img_size=384, in_chans=1`` from an
+    RGB 224 px ImageNet checkpoint gives a new 10-class head, resampled position
+    embeddings and a 1-channel patch embedding.
     """
     config = get_config(name, **overrides)  # validates the preset name and the overrides
     if pretrained is not None and Path(pretrained).is_dir() and (Path(pretrained) / "config.json").is_file():
@@ -109,6 +127,7 @@ def create_model(name: str, *, fast: bool = False, pretrained=None, **overrides)
 
 
 def from_pretrained(path, *, fast: bool = False, **overrides) -> torch.nn.Module:
-    """A ViT built from the config stored with the checkpoint at ``path``, weights loaded."""
+    """A ViT built from the config stored with the checkpoint at ``path`` (with ``overrides``,
+    e.g. ``num_classes``, ``img_size``, ``in_chans``), weights fitted as in ``create_model``."""
     model = model_class(fast)(read_config(path).replace(**overrides))
     return load_pretrained(model, path)

@@ -7,9 +7,12 @@ safetensors, ``.bin`` / ``.pth`` / ``.pt`` only with ``torch.load(weights_only=T
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import pickle
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -190,9 +193,11 @@ def load(path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        with _readable(path, "safetensors"):
+            return load_file(str(path))
     if path.suffix in (".bin", ".pth", ".pt"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with _readable(path, "torch.save (weights only)"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
         for wrapper in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
                 obj = obj[wrapper]
@@ -210,8 +215,23 @@ def load_metadata(path) -> dict:
         return {}
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
+    with _readable(path, "safetensors"), safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
+
+
+@contextlib.contextmanager
+def _readable(path: Path, kind: str):
+    """Turn a reader's low-level error (truncated file, bad header, a pickle that is not
+    plain tensors) into a ValueError that names the file and the expected format."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        raise ValueError(f"cannot read {path} as a {kind} checkpoint (corrupt, truncated or another "
+                         f"format): {type(exc).__name__}: {exc}") from exc
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: dict) -> None:
@@ -230,3 +250,118 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict) -> None:
         problems.append(f"shape mismatches [{'; '.join(shapes)}]")
     if problems:
         raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------- fitting weights to a model
+# Fine-tuning starts from weights trained for another task: timm's load_pretrained and
+# transformers' num_labels re-initialize the classifier, resample the position embedding
+# and adapt the patch embedding to the channel count; everything else must match.
+
+HEAD_KEYS = ("head.weight", "head.bias")
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A patch-embedding weight (D, C, P, P) for ``in_chans`` input channels.
+
+    One channel: the sum over the checkpoint's channels, so a gray image (R = G = B) gives
+    the activations of its RGB version. Otherwise the channels are repeated cyclically and
+    scaled by C / in_chans, which keeps the activations' scale (exactly, for an image with
+    equal channels, when in_chans is a multiple of C). timm's ``adapt_input_conv`` rule.
+    """
+    if weight.dim() != 4:
+        raise ValueError(f"expected a conv weight (D, C, P, P), got shape {tuple(weight.shape)}")
+    if in_chans <= 0:
+        raise ValueError(f"in_chans must be a positive int, got {in_chans}")
+    channels = weight.shape[1]
+    if in_chans == channels:
+        return weight
+    w = weight.float()
+    if in_chans == 1:
+        w = w.sum(dim=1, keepdim=True)
+    else:
+        repeats = -(-in_chans // channels)
+        w = w.repeat(1, repeats, 1, 1)[:, :in_chans] * (channels / in_chans)
+    return w.to(weight.dtype)
+
+
+@dataclass
+class LoadReport:
+    """What ``load_into`` did with each tensor of a checkpoint."""
+
+    source: str = ""
+    loaded: list[str] = field(default_factory=list)
+    reinitialized: list[str] = field(default_factory=list)  # model keys left at their fresh init
+    dropped: list[str] = field(default_factory=list)  # checkpoint keys the model has no place for
+    resampled: list[str] = field(default_factory=list)  # "pos_embed: 14x14 -> 24x24"
+    adapted: list[str] = field(default_factory=list)  # "patch_embed.proj.weight: 3 -> 1 channels"
+
+    def __str__(self) -> str:
+        parts = [f"loaded {len(self.loaded)} tensors" + (f" from {self.source}" if self.source else "")]
+        for what, items in (("re-initialized", self.reinitialized), ("dropped", self.dropped),
+                            ("resampled", self.resampled), ("adapted", self.adapted)):
+            if items:
+                parts.append(f"{what}: {', '.join(items)}")
+        return "; ".join(parts)
+
+
+def _grid_of(tokens: int, where: str) -> tuple[int, int]:
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"{where}: cannot infer a square grid from {tokens} position tokens")
+    return side, side
+
+
+def fit_state_dict(model: torch.nn.Module, state_dict: dict, source: str = "",
+                   grid: tuple[int, int] | None = None) -> tuple[dict, LoadReport]:
+    """``state_dict`` (our layout) made to fit ``model``, and the report of what changed.
+
+    A classifier of another size, or none, is left to the model's fresh init (and a
+    checkpoint classifier the model lacks is dropped); the position embedding is resampled
+    to the model's grid (``grid``: the checkpoint's, if not square); the patch embedding
+    follows the model's channel count. Any other mismatch raises a ValueError naming the
+    keys and shapes.
+    """
+    expected = model.state_dict()
+    state = dict(state_dict)
+    report = LoadReport(source=str(source))
+    for key in HEAD_KEYS:
+        if key in state and (key not in expected or state[key].shape != expected[key].shape):
+            got = tuple(state.pop(key).shape)
+            report.dropped.append(f"{key} {got}")
+        if key in expected and key not in state:
+            report.reinitialized.append(f"{key} {tuple(expected[key].shape)}")
+
+    pos, want = state.get("pos_embed"), expected.get("pos_embed")
+    if pos is not None and want is not None and pos.shape != want.shape and pos.dim() == 3 \
+            and pos.shape[-1] == want.shape[-1]:
+        prefix = model.num_prefix_tokens
+        old = tuple(grid) if grid is not None else _grid_of(pos.shape[1] - prefix, f"{source or 'checkpoint'}")
+        new = tuple(model.config.grid_size)
+        state["pos_embed"] = resample_pos_embed(pos, new, old, num_prefix_tokens=prefix)
+        report.resampled.append(f"pos_embed: {old[0]}x{old[1]} -> {new[0]}x{new[1]}")
+
+    key = "patch_embed.proj.weight"
+    conv, want = state.get(key), expected.get(key)
+    if conv is not None and want is not None and conv.dim() == 4 and conv.shape != want.shape \
+            and conv.shape[0] == want.shape[0] and conv.shape[2:] == want.shape[2:]:
+        state[key] = adapt_input_conv(conv, want.shape[1])
+        report.adapted.append(f"{key}: {conv.shape[1]} -> {want.shape[1]} channels")
+
+    fresh_head = {k: expected[k] for k in HEAD_KEYS if k in expected and k not in state}
+    try:
+        check_state_dict(model, {**state, **fresh_head})
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}" if source else str(exc)) from None
+    report.loaded = [k for k in state if k in expected]
+    return state, report
+
+
+def load_into(model: torch.nn.Module, state_dict: dict, source: str = "",
+              grid: tuple[int, int] | None = None) -> LoadReport:
+    """Fit ``state_dict`` to ``model`` (see ``fit_state_dict``) and load it; returns the report."""
+    state, report = fit_state_dict(model, state_dict, source, grid)
+    result = model.load_state_dict(state, strict=False)
+    left = sorted(set(result.missing_keys) - set(HEAD_KEYS))
+    if left or result.unexpected_keys:  # fit_state_dict checked: this would be a bug here
+        raise RuntimeError(f"internal error loading {source}: missing {left}, unexpected {result.unexpected_keys}")
+    return report

@@ -147,12 +147,13 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
 
 
 def test_shape_mismatch_is_named(tmp_path):
+    # (a classifier of another size is re-initialized for fine-tuning: tests/test_finetune.py)
     model = ViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=4)
     path = tmp_path / "w.safetensors"
     ckpt.save(model, path)
-    with pytest.raises(ValueError, match=r"head.weight: expected \(7, 32\), got \(4, 32\)"):
+    with pytest.raises(ValueError, match=r"blocks.0.mlp.fc1.weight: expected \(64, 32\), got \(128, 32\)"):
         vit.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1,
-                         num_heads=2, num_classes=7, pretrained=path)
+                         num_heads=2, num_classes=4, mlp_ratio=2.0, pretrained=path)
 
 
 def test_unknown_hf_keys_raise():
