@@ -43,6 +43,7 @@ import triton.language as tl
 from ._common import INTERPRET, max_shared_mem, sm_count
 
 LIN, SPLIT, PATCH, KERN = 0, 1, 2, 3
+ROWSUM_N: tl.constexpr = tl.constexpr(16)  # width of the ones block for row sums (the smallest MMA N)
 ACT_NONE, ACT_ERF, ACT_TANH = 0, 1, 2
 ACTIVATIONS = {"none": ACT_ERF, "tanh": ACT_TANH}  # GELU's `approximate` -> ACT code
 
@@ -69,9 +70,15 @@ def _axis_offsets(idx, MODE: tl.constexpr, s0, s1, s_h, s_w, G, GW, P: tl.conste
         off = ((idx // G).to(tl.int64) * s0 + ((g // GW) * P).to(tl.int64) * s_h
                + ((g % GW) * P).to(tl.int64) * s_w)
     else:
-        r = idx % (P * P)
-        off = ((idx // (P * P)).to(tl.int64) * s0 + (r // P).to(tl.int64) * s_h
-               + (r % P).to(tl.int64) * s_w)
+        # Pixels in runs of VEC (the largest power of 2 dividing P) share a patch row:
+        # the offset of the run's first pixel plus the step inside the run, a form in
+        # which the compiler sees the run is contiguous (s_w == 1) and vectorises the
+        # load (P = 14: 4-byte pairs, which it pipelines; single 2-byte loads it does not).
+        VEC = P & -P
+        run = idx // VEC * VEC
+        r = run % (P * P)
+        off = ((run // (P * P)).to(tl.int64) * s0 + (r // P).to(tl.int64) * s_h
+               + (r % P + idx % VEC).to(tl.int64) * s_w)
     return off
 
 
@@ -105,16 +112,21 @@ def _gelu_grad(z, ACT: tl.constexpr):
 
 
 @_device
-def _k_tile(acc, rowsum, a_ptrs, b_ptrs, aux_ptrs, a_mask, b_mask, PROLOGUE_SCALE: tl.constexpr,
+def _k_tile(acc, rowsum, ones, a_ptrs, b_ptrs, aux_ptrs, a_mask, b_mask, PROLOGUE_SCALE: tl.constexpr,
             ROWSUM_A: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One K tile: acc += prologue(A) @ B, and the row sums of prologue(A)."""
+    """One K tile: acc += prologue(A) @ B, and rowsum += prologue(A) @ ones.
+
+    The row sums are a second, narrow dot rather than a tl.sum: a reduction carried
+    through the K loop crashes triton 3.6's thread-locality pass (fp32), and the
+    tensor cores read A from shared memory without a register copy of the tile.
+    """
     b = tl.load(b_ptrs, mask=b_mask, other=0.0)
     a = tl.load(a_ptrs, mask=a_mask, other=0.0)
     if PROLOGUE_SCALE:
         scale = tl.load(aux_ptrs, mask=a_mask, other=0.0)
         a = (a.to(tl.float32) * scale.to(tl.float32)).to(b.dtype)
     if ROWSUM_A:
-        rowsum += tl.sum(a.to(tl.float32), axis=1)
+        rowsum = tl.dot(a, ones, rowsum, input_precision=DOT_PRECISION)
     acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc, rowsum
 
@@ -168,7 +180,9 @@ def _gemm_kernel(
     k_hi = tl.minimum(K, k_lo + tiles_per_split * BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # Row sums of prologue(A) as A @ ones: every one of the ROWSUM_N columns is the sum.
+    rowsum = tl.zeros((BLOCK_M, ROWSUM_N), dtype=tl.float32)
+    ones = tl.full((BLOCK_K, ROWSUM_N), 1.0, dtype=b_ptr.dtype.element_ty)
     offs_k = tl.arange(0, BLOCK_K)
     rows_in = mask_m[:, None]
     cols_in = mask_n[None, :]
@@ -190,7 +204,7 @@ def _gemm_kernel(
         if B_ROW != 0:
             b_rows = _axis_offsets(k0 + offs_k, B_ROW, sb_r0, sb_r1, s_h, s_w, G, GW, P)
             b_ptrs = b_ptr + b_rows[:, None] + b_cols[None, :]
-        acc, rowsum = _k_tile(acc, rowsum, a_ptrs, b_ptrs, aux_ptrs, rows_in, cols_in,
+        acc, rowsum = _k_tile(acc, rowsum, ones, a_ptrs, b_ptrs, aux_ptrs, rows_in, cols_in,
                               PROLOGUE_SCALE, ROWSUM_A, DOT_PRECISION)
         if A_COL == 0:
             a_ptrs += BLOCK_K * sa_c0
@@ -206,13 +220,14 @@ def _gemm_kernel(
         if B_ROW != 0:
             b_rows = _axis_offsets(k_whole + offs_k, B_ROW, sb_r0, sb_r1, s_h, s_w, G, GW, P)
             b_ptrs = b_ptr + b_rows[:, None] + b_cols[None, :]
-        acc, rowsum = _k_tile(acc, rowsum, a_ptrs, b_ptrs, aux_ptrs, rows_in & k_in[None, :],
+        acc, rowsum = _k_tile(acc, rowsum, ones, a_ptrs, b_ptrs, aux_ptrs, rows_in & k_in[None, :],
                               k_in[:, None] & cols_in, PROLOGUE_SCALE, ROWSUM_A, DOT_PRECISION)
 
     if ROWSUM_A:
         # Every column block sums the same rows; the first one stores them.
         if pid_n == 0:
-            tl.store(rowsum_ptr + split.to(tl.int64) * M + rm, rowsum, mask=mask_m)
+            # The columns are equal, so their max is the sum, exactly.
+            tl.store(rowsum_ptr + split.to(tl.int64) * M + rm, tl.max(rowsum, axis=1), mask=mask_m)
 
     c_rows = _axis_offsets(rm, C_ROW, sc_r0, sc_r1, s_h, s_w, G, GW, P)
     c_cols = _axis_offsets(rn, C_COL, sc_c0, sc_c1, s_h, s_w, G, GW, P)
