@@ -58,6 +58,18 @@ def _device(fn):
     return fn if INTERPRET else triton.jit(fn)
 
 
+if INTERPRET:
+    def _bound(x):
+        """A loop bound the interpreter's ``range`` accepts: triton 3.6's interpreter
+        converts a program-id-derived (1-element) bound with ``int(array)``, which
+        numpy 2 rejects."""
+        return int(x.handle.data.reshape(())) if isinstance(x, tl.tensor) else x
+else:
+    @triton.jit
+    def _bound(x):
+        return x
+
+
 @_device
 def _axis_offsets(idx, MODE: tl.constexpr, s0, s1, s_h, s_w, G, GW, P: tl.constexpr):
     """Element offsets (int64) of indices ``idx`` along one axis; see the module doc."""
@@ -197,7 +209,7 @@ def _gemm_kernel(
     # Whole K tiles first, masked only along M and N: with a K mask whose groups the
     # compiler cannot prove aligned (K = 588), 16-bit loads are not pipelined.
     k_whole = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
-    for k0 in range(k_lo, k_whole, BLOCK_K):
+    for k0 in range(_bound(k_lo), _bound(k_whole), BLOCK_K):
         if A_COL != 0:
             a_cols = _axis_offsets(k0 + offs_k, A_COL, sa_c0, sa_c1, s_h, s_w, G, GW, P)
             a_ptrs = a_ptr + a_rows[:, None] + a_cols[None, :]
@@ -263,16 +275,36 @@ def _gemm_kernel(
 
 
 # -------------------------------------------------------------------------- autotuning
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps).
+# 16-bit operands: tensor-core (wgmma) tiles, 64-deep K tiles, 3-4 stages.
+_HALF_TILES = ((128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+               (64, 64, 64, 4, 4))
+# fp32 ("ieee"): the dot runs on the FMA units with both operand tiles in registers,
+# so the K tiles are shallow.
+_FP32_TILES = ((128, 128, 16, 3, 8), (128, 64, 16, 3, 4), (64, 64, 32, 3, 4))
+
+# An epilogue beyond the plain store (bias, GELU, GELU', position / class rows), a
+# prologue scale or im2col index maps (P > 1) need registers next to the fp32
+# accumulator: with more than 64 accumulator elements per thread (128x256 on 8 warps)
+# such variants spill on sm_90 (triton 3.6 and 3.9).
+_MAX_ACC_PER_THREAD_FUSED = 64
+# Tiles that still spill for one variant (flag -> tiles), measured on sm_90: the
+# recompute epilogue (dZ = dY * GELU'(z), with dY loaded there) at 128x64 on 4 warps.
+_SPILLING_TILES = {"EPI_GELU_GRAD": {(128, 64, 64, 4, 4)}}
+
+
+def _config(tile):
+    bm, bn, bk, stages, warps = tile
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_stages=stages, num_warps=warps)
+
+
+def _tile(c: triton.Config):
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
+
+
 def _gpu_configs():
-    cfgs = []
-    for bm, bn, bk, stages, warps in [
-        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-        (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-        (64, 64, 32, 5, 2),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_stages=stages, num_warps=warps))
-    return cfgs
+    return [_config(t) for t in _HALF_TILES + _FP32_TILES]
 
 
 # Under the interpreter: one config, so nothing is benchmarked, and large tiles, as the
@@ -281,21 +313,46 @@ _CONFIGS = ([triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_
                            num_stages=1, num_warps=4)]
             if INTERPRET else _gpu_configs())
 
-# Shared memory the estimate below leaves to the compiler (epilogue layout conversions
-# and barriers): 27 KiB, i.e. a 200 KiB budget on H100 / H200's 227 KiB.
+# Shared memory the estimate below leaves to the compiler (barriers, layout
+# conversions): 27 KiB, i.e. a 200 KiB budget on H100 / H200's 227 KiB.
 _SMEM_MARGIN = 27 * 1024
 
 
+def smem_estimate(c: triton.Config, element_size: int, prologue_scale: bool) -> int:
+    """Bytes of shared memory for a config's pipelined tiles: per stage one A tile
+    (two with the prologue scale, which is A-shaped), one B tile, and the ones
+    block of the row sums. Measured on sm_90 (triton 3.6 and 3.9) the compiled
+    kernels stay at or below this; the epilogue reuses the pipeline's buffers."""
+    bm, bn, bk, stages, _ = _tile(c)
+    a_tiles = 2 if prologue_scale else 1
+    return (stages * (a_tiles * bm * bk + bk * bn) + bk * 16) * element_size
+
+
+def _fused_epilogue(args) -> bool:
+    return (any(args.get(f) for f in ("PROLOGUE_SCALE", "HAS_BIAS", "HAS_POS", "HAS_CLS", "ACT",
+                                      "ACT_GRAD_OUT", "EPI_GELU_GRAD"))
+            or args.get("P", 1) > 1)
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose pipelined tiles cannot fit in the device's shared memory
-    (fp32 operands need twice the 16-bit ones)."""
-    a = named_args["a_ptr"]
-    budget = max_shared_mem(a.device) - _SMEM_MARGIN
+    """The configs for this launch: the tile family of its dtype, without those whose
+    pipelined tiles overflow the device's shared memory or whose accumulator leaves
+    too few registers for a fused epilogue. Never empty: the smallest of the family
+    is the fallback."""
+    args = {**named_args, **kwargs}
+    a = args["a_ptr"]
     size = a.element_size()
-    kept = [c for c in configs
-            if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * size * c.num_stages
-            <= budget]
-    return kept or configs[-1:]
+    family = _FP32_TILES if size == 4 else _HALF_TILES
+    mine = [c for c in configs if _tile(c) in family] or list(configs)
+    budget = max_shared_mem(a.device) - _SMEM_MARGIN
+    fused = _fused_epilogue(args)
+    spilling = set().union(*(tiles for flag, tiles in _SPILLING_TILES.items() if args.get(flag)))
+    kept = [c for c in mine
+            if smem_estimate(c, size, bool(args.get("PROLOGUE_SCALE"))) <= budget
+            and (not fused or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+                 <= _MAX_ACC_PER_THREAD_FUSED)
+            and _tile(c) not in spilling]
+    return kept or [min(mine, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 _gemm = triton.autotune(
