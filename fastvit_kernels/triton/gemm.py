@@ -61,8 +61,8 @@ def _device(fn):
 if INTERPRET:
     def _bound(x):
         """A loop bound the interpreter's ``range`` accepts: triton 3.6's interpreter
-        converts a program-id-derived (1-element) bound with ``int(array)``, which
-        numpy 2 rejects."""
+        converts a runtime (1-element array) bound with ``int(array)``, which numpy 2
+        rejects."""
         return int(x.handle.data.reshape(())) if isinstance(x, tl.tensor) else x
 else:
     @triton.jit
@@ -269,7 +269,7 @@ def _gemm_kernel(
                        + tl.load(pos_ptr - s_pos_r + rn * s_pos_c, mask=mask_n, other=0.0).to(tl.float32))
             cls_val = cls_val.to(c_ptr.dtype.element_ty)
             cls_ptrs = c_ptr - sc_r1 + rn * sc_c0
-            for _ in range(0, NUM_IMAGES):
+            for _ in range(0, _bound(NUM_IMAGES)):
                 tl.store(cls_ptrs, cls_val, mask=mask_n)
                 cls_ptrs += sc_r0  # pointer steps: 64-bit, however large the batch
 
