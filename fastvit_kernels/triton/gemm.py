@@ -17,7 +17,8 @@ Axis maps (``idx`` is a row or column index of the logical matrix):
   the Conv2d weight (D, C, P, P): ``ch * s0 + py * s_h + px * s_w``
 
 Prologue: ``A *= AUX`` elementwise (the saved GELU derivative, turning dY into dZ),
-and row sums of A (a bias gradient falls out of the weight-gradient GEMM).
+and row sums of A as a second dot, ``A @ ones`` (a bias gradient falls out of the
+weight-gradient GEMM).
 Epilogue: bias, position embedding (token ``m % G``), class-token rows, GELU (erf or
 tanh) or its derivative (saved for backward, or multiplied into an upstream
 gradient). Split-K writes fp32 partial products that the launcher sums.
@@ -29,7 +30,10 @@ Performance shape: grouped (swizzled) tile order for L2 reuse; whole K tiles are
 loaded without a K mask and the partial last one separately, because a K mask the
 compiler cannot prove 16-aligned (K = 588) stops 16-bit loads from being pipelined;
 autotuning is keyed on power-of-2 buckets of M, N and K (a new batch size reuses the
-tuned config), with one config under the interpreter.
+tuned config), with one config under the interpreter. The configs are pruned per
+launch (``_prune``): tensor-core tiles for 16-bit operands, shallow-K tiles for fp32,
+a shared-memory estimate that the compiled kernels stay under (sm_90, triton 3.6 and
+3.9), and no tile whose accumulator leaves a fused epilogue too few registers.
 """
 
 from __future__ import annotations
