@@ -293,8 +293,9 @@ _FP32_TILES = ((128, 128, 16, 3, 8), (128, 64, 16, 3, 4), (64, 64, 32, 3, 4))
 # such variants spill on sm_90 (triton 3.6 and 3.9).
 _MAX_ACC_PER_THREAD_FUSED = 64
 # Tiles that still spill for one variant (flag -> tiles), measured on sm_90: the
-# recompute epilogue (dZ = dY * GELU'(z), with dY loaded there) at 128x64 on 4 warps.
-_SPILLING_TILES = {"EPI_GELU_GRAD": {(128, 64, 64, 4, 4)}}
+# recompute epilogue (dZ = dY * GELU'(z), with dY loaded there) with 64 accumulator
+# elements per thread on 4 warps (128x64; 64x128 when M is not a multiple of 16).
+_SPILLING_TILES = {"EPI_GELU_GRAD": {(128, 64, 64, 4, 4), (64, 128, 64, 4, 4)}}
 
 
 def _config(tile):
