@@ -287,6 +287,10 @@ def test_configs_are_chosen_by_dtype_and_epilogue():
         fused = tg._prune(configs, {"a_ptr": half}, **{flag: 1})
         assert fused and len(fused) < len(plain), flag
         assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in fused)
+    # Patches of channels-last images (pixel stride 3): only 32 accumulator elements per thread.
+    strided = tg._prune(configs, {"a_ptr": half, "s_w": 3}, P=16)
+    assert [tg._tile(c) for c in strided] == [(64, 64, 64, 4, 4)]
+    assert len(tg._prune(configs, {"a_ptr": half, "s_w": 1}, P=16)) > 1
 
 
 # ------------------------------------------------------------------------------- GPU only

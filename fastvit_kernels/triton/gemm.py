@@ -292,6 +292,10 @@ _FP32_TILES = ((128, 128, 16, 3, 8), (128, 64, 16, 3, 4), (64, 64, 32, 3, 4))
 # accumulator: with more than 64 accumulator elements per thread (128x256 on 8 warps)
 # such variants spill on sm_90 (triton 3.6 and 3.9).
 _MAX_ACC_PER_THREAD_FUSED = 64
+# im2col maps over channels-last images (pixel stride s_w != 1): no pixel run is
+# contiguous, every element's offset is computed on its own, and all but the 64x64
+# tile spill.
+_MAX_ACC_PER_THREAD_STRIDED_PIXELS = 32
 # Tiles that still spill for one variant (flag -> tiles), measured on sm_90: the
 # recompute epilogue (dZ = dY * GELU'(z), with dY loaded there) with 64 accumulator
 # elements per thread on 4 warps (128x64; 64x128 when M is not a multiple of 16).
@@ -351,11 +355,14 @@ def _prune(configs, named_args, **kwargs):
     mine = [c for c in configs if _tile(c) in family] or list(configs)
     budget = max_shared_mem(a.device) - _SMEM_MARGIN
     fused = _fused_epilogue(args)
+    max_acc = _MAX_ACC_PER_THREAD_FUSED if fused else None
+    if args.get("P", 1) > 1 and args.get("s_w", 1) != 1:
+        max_acc = _MAX_ACC_PER_THREAD_STRIDED_PIXELS
     spilling = set().union(*(tiles for flag, tiles in _SPILLING_TILES.items() if args.get(flag)))
     kept = [c for c in mine
             if smem_estimate(c, size, bool(args.get("PROLOGUE_SCALE"))) <= budget
-            and (not fused or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
-                 <= _MAX_ACC_PER_THREAD_FUSED)
+            and (max_acc is None or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+                 <= max_acc)
             and _tile(c) not in spilling]
     return kept or [min(mine, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
