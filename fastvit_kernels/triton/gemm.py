@@ -17,7 +17,8 @@ Axis maps (``idx`` is a row or column index of the logical matrix):
   the Conv2d weight (D, C, P, P): ``ch * s0 + py * s_h + px * s_w``
 
 Prologue: ``A *= AUX`` elementwise (the saved GELU derivative, turning dY into dZ),
-and row sums of A (a bias gradient falls out of the weight-gradient GEMM).
+and row sums of A as a second dot, ``A @ ones`` (a bias gradient falls out of the
+weight-gradient GEMM).
 Epilogue: bias, position embedding (token ``m % G``), class-token rows, GELU (erf or
 tanh) or its derivative (saved for backward, or multiplied into an upstream
 gradient). Split-K writes fp32 partial products that the launcher sums.
@@ -29,7 +30,10 @@ Performance shape: grouped (swizzled) tile order for L2 reuse; whole K tiles are
 loaded without a K mask and the partial last one separately, because a K mask the
 compiler cannot prove 16-aligned (K = 588) stops 16-bit loads from being pipelined;
 autotuning is keyed on power-of-2 buckets of M, N and K (a new batch size reuses the
-tuned config), with one config under the interpreter.
+tuned config), with one config under the interpreter. The configs are pruned per
+launch (``_prune``): tensor-core tiles for 16-bit operands, shallow-K tiles for fp32,
+a shared-memory estimate that the compiled kernels stay under (sm_90, triton 3.6 and
+3.9), and no tile whose accumulator leaves a fused epilogue too few registers.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import triton.language as tl
 from ._common import INTERPRET, max_shared_mem, sm_count
 
 LIN, SPLIT, PATCH, KERN = 0, 1, 2, 3
+ROWSUM_N: tl.constexpr = tl.constexpr(16)  # width of the ones block for row sums (the smallest MMA N)
 ACT_NONE, ACT_ERF, ACT_TANH = 0, 1, 2
 ACTIVATIONS = {"none": ACT_ERF, "tanh": ACT_TANH}  # GELU's `approximate` -> ACT code
 
@@ -57,6 +62,18 @@ def _device(fn):
     return fn if INTERPRET else triton.jit(fn)
 
 
+if INTERPRET:
+    def _bound(x):
+        """A loop bound the interpreter's ``range`` accepts: triton 3.6's interpreter
+        converts a runtime (1-element array) bound with ``int(array)``, which numpy 2
+        rejects."""
+        return int(x.handle.data.reshape(())) if isinstance(x, tl.tensor) else x
+else:
+    @triton.jit
+    def _bound(x):
+        return x
+
+
 @_device
 def _axis_offsets(idx, MODE: tl.constexpr, s0, s1, s_h, s_w, G, GW, P: tl.constexpr):
     """Element offsets (int64) of indices ``idx`` along one axis; see the module doc."""
@@ -69,9 +86,15 @@ def _axis_offsets(idx, MODE: tl.constexpr, s0, s1, s_h, s_w, G, GW, P: tl.conste
         off = ((idx // G).to(tl.int64) * s0 + ((g // GW) * P).to(tl.int64) * s_h
                + ((g % GW) * P).to(tl.int64) * s_w)
     else:
-        r = idx % (P * P)
-        off = ((idx // (P * P)).to(tl.int64) * s0 + (r // P).to(tl.int64) * s_h
-               + (r % P).to(tl.int64) * s_w)
+        # Pixels in runs of VEC (the largest power of 2 dividing P) share a patch row:
+        # the offset of the run's first pixel plus the step inside the run, a form in
+        # which the compiler sees the run is contiguous (s_w == 1) and vectorises the
+        # load (P = 14: 4-byte pairs, which it pipelines; single 2-byte loads it does not).
+        VEC = P & -P
+        run = idx // VEC * VEC
+        r = run % (P * P)
+        off = ((run // (P * P)).to(tl.int64) * s0 + (r // P).to(tl.int64) * s_h
+               + (r % P + idx % VEC).to(tl.int64) * s_w)
     return off
 
 
@@ -105,16 +128,21 @@ def _gelu_grad(z, ACT: tl.constexpr):
 
 
 @_device
-def _k_tile(acc, rowsum, a_ptrs, b_ptrs, aux_ptrs, a_mask, b_mask, PROLOGUE_SCALE: tl.constexpr,
+def _k_tile(acc, rowsum, ones, a_ptrs, b_ptrs, aux_ptrs, a_mask, b_mask, PROLOGUE_SCALE: tl.constexpr,
             ROWSUM_A: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One K tile: acc += prologue(A) @ B, and the row sums of prologue(A)."""
+    """One K tile: acc += prologue(A) @ B, and rowsum += prologue(A) @ ones.
+
+    The row sums are a second, narrow dot rather than a tl.sum: a reduction carried
+    through the K loop crashes triton 3.6's thread-locality pass (fp32), and the
+    tensor cores read A from shared memory without a register copy of the tile.
+    """
     b = tl.load(b_ptrs, mask=b_mask, other=0.0)
     a = tl.load(a_ptrs, mask=a_mask, other=0.0)
     if PROLOGUE_SCALE:
         scale = tl.load(aux_ptrs, mask=a_mask, other=0.0)
         a = (a.to(tl.float32) * scale.to(tl.float32)).to(b.dtype)
     if ROWSUM_A:
-        rowsum += tl.sum(a.to(tl.float32), axis=1)
+        rowsum = tl.dot(a, ones, rowsum, input_precision=DOT_PRECISION)
     acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc, rowsum
 
@@ -168,7 +196,9 @@ def _gemm_kernel(
     k_hi = tl.minimum(K, k_lo + tiles_per_split * BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # Row sums of prologue(A) as A @ ones: every one of the ROWSUM_N columns is the sum.
+    rowsum = tl.zeros((BLOCK_M, ROWSUM_N), dtype=tl.float32)
+    ones = tl.full((BLOCK_K, ROWSUM_N), 1.0, dtype=b_ptr.dtype.element_ty)
     offs_k = tl.arange(0, BLOCK_K)
     rows_in = mask_m[:, None]
     cols_in = mask_n[None, :]
@@ -183,14 +213,14 @@ def _gemm_kernel(
     # Whole K tiles first, masked only along M and N: with a K mask whose groups the
     # compiler cannot prove aligned (K = 588), 16-bit loads are not pipelined.
     k_whole = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
-    for k0 in range(k_lo, k_whole, BLOCK_K):
+    for k0 in range(_bound(k_lo), _bound(k_whole), BLOCK_K):
         if A_COL != 0:
             a_cols = _axis_offsets(k0 + offs_k, A_COL, sa_c0, sa_c1, s_h, s_w, G, GW, P)
             a_ptrs = a_ptr + a_rows[:, None] + a_cols[None, :]
         if B_ROW != 0:
             b_rows = _axis_offsets(k0 + offs_k, B_ROW, sb_r0, sb_r1, s_h, s_w, G, GW, P)
             b_ptrs = b_ptr + b_rows[:, None] + b_cols[None, :]
-        acc, rowsum = _k_tile(acc, rowsum, a_ptrs, b_ptrs, aux_ptrs, rows_in, cols_in,
+        acc, rowsum = _k_tile(acc, rowsum, ones, a_ptrs, b_ptrs, aux_ptrs, rows_in, cols_in,
                               PROLOGUE_SCALE, ROWSUM_A, DOT_PRECISION)
         if A_COL == 0:
             a_ptrs += BLOCK_K * sa_c0
@@ -206,13 +236,14 @@ def _gemm_kernel(
         if B_ROW != 0:
             b_rows = _axis_offsets(k_whole + offs_k, B_ROW, sb_r0, sb_r1, s_h, s_w, G, GW, P)
             b_ptrs = b_ptr + b_rows[:, None] + b_cols[None, :]
-        acc, rowsum = _k_tile(acc, rowsum, a_ptrs, b_ptrs, aux_ptrs, rows_in & k_in[None, :],
+        acc, rowsum = _k_tile(acc, rowsum, ones, a_ptrs, b_ptrs, aux_ptrs, rows_in & k_in[None, :],
                               k_in[:, None] & cols_in, PROLOGUE_SCALE, ROWSUM_A, DOT_PRECISION)
 
     if ROWSUM_A:
         # Every column block sums the same rows; the first one stores them.
         if pid_n == 0:
-            tl.store(rowsum_ptr + split.to(tl.int64) * M + rm, rowsum, mask=mask_m)
+            # The columns are equal, so their max is the sum, exactly.
+            tl.store(rowsum_ptr + split.to(tl.int64) * M + rm, tl.max(rowsum, axis=1), mask=mask_m)
 
     c_rows = _axis_offsets(rm, C_ROW, sc_r0, sc_r1, s_h, s_w, G, GW, P)
     c_cols = _axis_offsets(rn, C_COL, sc_c0, sc_c1, s_h, s_w, G, GW, P)
@@ -242,22 +273,47 @@ def _gemm_kernel(
                        + tl.load(pos_ptr - s_pos_r + rn * s_pos_c, mask=mask_n, other=0.0).to(tl.float32))
             cls_val = cls_val.to(c_ptr.dtype.element_ty)
             cls_ptrs = c_ptr - sc_r1 + rn * sc_c0
-            for _ in range(0, NUM_IMAGES):
+            for _ in range(0, _bound(NUM_IMAGES)):
                 tl.store(cls_ptrs, cls_val, mask=mask_n)
                 cls_ptrs += sc_r0  # pointer steps: 64-bit, however large the batch
 
 
 # -------------------------------------------------------------------------- autotuning
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps).
+# 16-bit operands: tensor-core (wgmma) tiles, 64-deep K tiles, 3-4 stages.
+_HALF_TILES = ((128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+               (64, 64, 64, 4, 4))
+# fp32 ("ieee"): the dot runs on the FMA units with both operand tiles in registers,
+# so the K tiles are shallow.
+_FP32_TILES = ((128, 128, 16, 3, 8), (128, 64, 16, 3, 4), (64, 64, 32, 3, 4))
+
+# An epilogue beyond the plain store (bias, GELU, GELU', position / class rows), a
+# prologue scale or im2col index maps (P > 1) need registers next to the fp32
+# accumulator: with more than 64 accumulator elements per thread (128x256 on 8 warps)
+# such variants spill on sm_90 (triton 3.6 and 3.9).
+_MAX_ACC_PER_THREAD_FUSED = 64
+# im2col maps over channels-last images (pixel stride s_w != 1): no pixel run is
+# contiguous, every element's offset is computed on its own, and all but the 64x64
+# tile spill.
+_MAX_ACC_PER_THREAD_STRIDED_PIXELS = 32
+# Tiles that still spill for one variant (flag -> tiles), measured on sm_90: the
+# recompute epilogue (dZ = dY * GELU'(z), with dY loaded there) with 64 accumulator
+# elements per thread on 4 warps (128x64; 64x128 when M is not a multiple of 16).
+_SPILLING_TILES = {"EPI_GELU_GRAD": {(128, 64, 64, 4, 4), (64, 128, 64, 4, 4)}}
+
+
+def _config(tile):
+    bm, bn, bk, stages, warps = tile
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_stages=stages, num_warps=warps)
+
+
+def _tile(c: triton.Config):
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
+
+
 def _gpu_configs():
-    cfgs = []
-    for bm, bn, bk, stages, warps in [
-        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-        (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-        (64, 64, 32, 5, 2),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_stages=stages, num_warps=warps))
-    return cfgs
+    return [_config(t) for t in _HALF_TILES + _FP32_TILES]
 
 
 # Under the interpreter: one config, so nothing is benchmarked, and large tiles, as the
@@ -266,21 +322,49 @@ _CONFIGS = ([triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_
                            num_stages=1, num_warps=4)]
             if INTERPRET else _gpu_configs())
 
-# Shared memory the estimate below leaves to the compiler (epilogue layout conversions
-# and barriers): 27 KiB, i.e. a 200 KiB budget on H100 / H200's 227 KiB.
+# Shared memory the estimate below leaves to the compiler (barriers, layout
+# conversions): 27 KiB, i.e. a 200 KiB budget on H100 / H200's 227 KiB.
 _SMEM_MARGIN = 27 * 1024
 
 
+def smem_estimate(c: triton.Config, element_size: int, prologue_scale: bool) -> int:
+    """Bytes of shared memory for a config's pipelined tiles: per stage one A tile
+    (two with the prologue scale, which is A-shaped), one B tile, and the ones
+    block of the row sums. Measured on sm_90 (triton 3.6 and 3.9) the compiled
+    kernels stay at or below this; the epilogue reuses the pipeline's buffers."""
+    bm, bn, bk, stages, _ = _tile(c)
+    a_tiles = 2 if prologue_scale else 1
+    return (stages * (a_tiles * bm * bk + bk * bn) + bk * 16) * element_size
+
+
+def _fused_epilogue(args) -> bool:
+    return (any(args.get(f) for f in ("PROLOGUE_SCALE", "HAS_BIAS", "HAS_POS", "HAS_CLS", "ACT",
+                                      "ACT_GRAD_OUT", "EPI_GELU_GRAD"))
+            or args.get("P", 1) > 1)
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose pipelined tiles cannot fit in the device's shared memory
-    (fp32 operands need twice the 16-bit ones)."""
-    a = named_args["a_ptr"]
-    budget = max_shared_mem(a.device) - _SMEM_MARGIN
+    """The configs for this launch: the tile family of its dtype, without those whose
+    pipelined tiles overflow the device's shared memory or whose accumulator leaves
+    too few registers for a fused epilogue. Never empty: the smallest of the family
+    is the fallback."""
+    args = {**named_args, **kwargs}
+    a = args["a_ptr"]
     size = a.element_size()
-    kept = [c for c in configs
-            if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * size * c.num_stages
-            <= budget]
-    return kept or configs[-1:]
+    family = _FP32_TILES if size == 4 else _HALF_TILES
+    mine = [c for c in configs if _tile(c) in family] or list(configs)
+    budget = max_shared_mem(a.device) - _SMEM_MARGIN
+    fused = _fused_epilogue(args)
+    max_acc = _MAX_ACC_PER_THREAD_FUSED if fused else None
+    if args.get("P", 1) > 1 and args.get("s_w", 1) != 1:
+        max_acc = _MAX_ACC_PER_THREAD_STRIDED_PIXELS
+    spilling = set().union(*(tiles for flag, tiles in _SPILLING_TILES.items() if args.get(flag)))
+    kept = [c for c in mine
+            if smem_estimate(c, size, bool(args.get("PROLOGUE_SCALE"))) <= budget
+            and (max_acc is None or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+                 <= max_acc)
+            and _tile(c) not in spilling]
+    return kept or [min(mine, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 _gemm = triton.autotune(

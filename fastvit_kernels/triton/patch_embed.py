@@ -28,6 +28,23 @@ from .gemm import Geometry, gemm, gemm_split_sum, matrix, patches, token_rows
 
 
 # --------------------------------------------------------------------------- launchers
+def _weight_rows(weight: Tensor) -> Tensor:
+    """The Conv2d weight as its (D, C*P*P) matrix, with a row stride of a multiple of 16.
+
+    Triton learns a stride's alignment only from its divisibility by 16: with K = 588
+    (patch 14) the rows of the plain view look unaligned, its loads become 2-byte ones
+    that are not pipelined, and the tiles spill. A padded copy (D * K elements, cheap
+    next to the GEMM) keeps the weight's loads vectorised and pipelined.
+    """
+    w = weight.reshape(weight.shape[0], -1)
+    k = w.shape[1]
+    if k % 16 == 0 and w.stride(1) == 1 and w.stride(0) % 16 == 0:
+        return w
+    padded = w.new_empty(w.shape[0], (k + 15) // 16 * 16)[:, :k]
+    padded.copy_(w)
+    return padded
+
+
 def patch_embed_forward(images: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: Tensor,
                         cls_token: Tensor | None = None) -> Tensor:
     """(B, T, D) tokens; see ``fastvit_kernels.patch_embed`` for the argument shapes."""
@@ -38,7 +55,7 @@ def patch_embed_forward(images: Tensor, weight: Tensor, bias: Tensor | None, pos
     tokens = geo.tokens + has_cls
     out = images.new_empty(batch, tokens, dim)
     pos = pos_embed.reshape(tokens, dim)
-    gemm(patches(images), matrix(weight.reshape(dim, -1)).t(), token_rows(out[:, has_cls:]),
+    gemm(patches(images), matrix(_weight_rows(weight)).t(), token_rows(out[:, has_cls:]),
          batch * geo.tokens, dim, chans * patch * patch, geometry=geo, bias=bias,
          pos=matrix(pos[has_cls:]), cls=cls_token.reshape(dim) if has_cls else None)
     return out
@@ -61,7 +78,7 @@ def patch_embed_images_grad(grad: Tensor, weight: Tensor, images: Tensor) -> Ten
     d_images = torch.empty_like(images)
     geo = Geometry.of(d_images, patch)
     has_cls = grad.shape[1] - geo.tokens
-    gemm(token_rows(grad[:, has_cls:]), matrix(weight.reshape(dim, -1)), patches(d_images),
+    gemm(token_rows(grad[:, has_cls:]), matrix(_weight_rows(weight)), patches(d_images),
          images.shape[0] * geo.tokens, chans * patch * patch, dim, geometry=geo)
     return d_images
 
