@@ -20,6 +20,13 @@ overruns, is recorded as skipped or timed out, never dropped. Everything lands i
 ``log.txt`` and ``pytest.txt``; all are rewritten or flushed as each result comes in, so a
 kill at any point leaves a valid partial record.
 
+On a lent GPU (the device tool; no internet, torch + triton preinstalled, no .git there):
+
+    FASTVIT_COMMIT=<sha> PYTHONPATH=. PYTHONUNBUFFERED=1 python3 -m bench.gpu_check --out $OUT/gpu
+
+(``make gpu-check OUT=$OUT/gpu`` is the same); the exit status is 1 if a test, a parity check
+or the compile check failed. ``--deadline S`` cuts a shorter rerun.
+
 This package must not import torch or triton at import time: ``--smoke`` sets
 TRITON_INTERPRET before either is imported.
 """

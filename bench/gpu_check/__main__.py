@@ -13,7 +13,6 @@ from pathlib import Path
 from . import plan
 
 SMOKE_ENV = {"TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1"}
-H200_BF16_DENSE_TFLOPS = 989.0   # datasheet (H200.md): the MFU denominator on CUDA
 HARD_STOP_GRACE_S = 15.0         # a section is interrupted this long after its budget ran out
 
 

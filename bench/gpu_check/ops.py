@@ -27,10 +27,12 @@ OTHER_FUNCTION = {"linear"}
 
 @dataclass(frozen=True)
 class Shapes:
-    """The op shapes of one model at one batch."""
+    """The op shapes of one model: forwards at ``batch``, forward + backward at ``train_batch``
+    (the end-to-end batches, so that the end-to-end runs reuse these autotunings)."""
 
     name: str
     batch: int
+    train_batch: int
     img: int
     patch: int
     dim: int

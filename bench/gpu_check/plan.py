@@ -8,6 +8,7 @@ from dataclasses import dataclass
 # Seconds. The GPU plan fits 8 minutes of wall time with ~25 s for interpreter start-up,
 # imports and the final writes; the smoke plan fits CI's ~2 minutes on a 2-core machine.
 GPU_DEADLINE_S, SMOKE_DEADLINE_S = 455.0, 150.0
+H200_BF16_DENSE_TFLOPS = 989.0   # datasheet (H200.md): the MFU denominator on CUDA
 
 GPU_BUDGETS = {
     "env": 15,        # copy bandwidth and GEMM ceilings: a few ms each, plus CUDA start-up
@@ -25,10 +26,10 @@ SECTIONS = list(GPU_BUDGETS)
 WHAT = {
     "env": "device, versions, commit; copy bandwidth and bf16 GEMM rate measured",
     "tests": "pytest: Triton op tests + fast-model tests (bf16/fp16, opcheck), subprocess",
-    "ops-B": "per-op fwd, fwd+bwd at ViT-B/16 b256 vs F.layer_norm, gelu(linear), SDPA, ...",
+    "ops-B": "per-op fwd (b256), fwd+bwd (b128) at ViT-B/16 vs F.layer_norm, gelu(linear), SDPA, ...",
     "e2e-B": "ViT-B/16 img/s: fast vs eager vs compile(reference) vs HF; parity first",
     "compile": "torch.compile(fast ViT-B, fullgraph) vs fp32 reference by value",
-    "ops-L": "per-op at ViT-L/16 b128",
+    "ops-L": "per-op at ViT-L/16",
     "e2e-L": "ViT-L/16 img/s: fast vs eager vs HF",
     "autotune": "the autotuners' chosen config per kernel and key",
 }

@@ -128,10 +128,11 @@ def summary(results: dict) -> str:
         rows = []
         for case in ops:
             for name, p in case.get("providers", {}).items():
-                rows.append([case["case"], case["direction"], name, _f(p.get("median_us"), ".1f"),
-                             _f(p.get("tflops"), ".1f"), _f(p.get("gb_per_s"), ".0f"),
+                rows.append([case["case"], case["direction"], case.get("batch") or "", name,
+                             _f(p.get("median_us"), ".1f"), _f(p.get("tflops"), ".1f"), _f(p.get("gb_per_s"), ".0f"),
                              _f(case.get("fast_speedup", {}).get(name), ".2f"), p.get("error", "")[:80]])
-        lines += _table(["case", "pass", "provider", "us", "TFLOP/s", "GB/s", "fast speedup vs it", "error"], rows)
+        lines += _table(["case", "pass", "batch", "provider", "us", "TFLOP/s", "GB/s", "fast speedup vs it",
+                         "error"], rows)
     e2e = results.get("e2e", [])
     if e2e:
         lines += ["## End to end", ""]
