@@ -18,6 +18,12 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 H100_SHARED_MEM = 227 * 1024
 
 
+def tuning_candidates(kept: list) -> list:
+    """What an autotuner's prune returns: ``kept`` (best guess first), or only its first
+    config under FASTVIT_AUTOTUNE=0 (quick CUDA test runs: nothing is timed)."""
+    return kept[:1] if os.environ.get("FASTVIT_AUTOTUNE", "1") == "0" else kept
+
+
 def dtype_unsupported(dtype: torch.dtype, *, uses_dot: bool = True) -> Optional[str]:
     """Why the kernels cannot run on ``dtype`` (None when they can). ``uses_dot``: the
     kernel multiplies with tl.dot, which the interpreter cannot do in bfloat16."""
@@ -38,7 +44,7 @@ def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -48,7 +54,7 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(_index(device))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shared_mem(index: int) -> int:
     try:
         return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])

@@ -9,12 +9,10 @@ miss DESIGN.md's parity). The kernels are in attention_kernels.py.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
-from ._common import INTERPRET, dtype_unsupported, max_shared_mem
+from ._common import INTERPRET, dtype_unsupported, max_shared_mem, tuning_candidates
 from .attention_kernels import (
     LOG2E,
     attn_bwd_dkdv,
@@ -89,8 +87,7 @@ def _prune(by_class: dict, owned: str, owned_tiles: int):
         if args["DOT_PRECISION"] == "ieee":
             # fp32 is for checking, not speed: its ieee dots take minutes to compile per config.
             return kept[-1:]
-        # FASTVIT_AUTOTUNE=0: first kept candidate, no timing (quick CUDA test sweeps).
-        return kept[:1] if os.environ.get("FASTVIT_AUTOTUNE", "1") == "0" else kept
+        return tuning_candidates(kept)
     return prune
 
 

@@ -52,10 +52,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 import triton
@@ -162,7 +162,7 @@ class Job:
     rank: int = 0           # position among the configs kept for its launch (0: tried first)
     origins: list = field(default_factory=list)  # "op dtype shape batch" that launched it
 
-    def replace(self, *, options: dict | None = None, **constexprs) -> "Job":
+    def replace(self, *, options: dict | None = None, **constexprs) -> Job:
         """This job with other constexpr values (by name) or options (e.g. a config the
         autotuner would never keep, for testing the check)."""
         names = list(self.signature)  # the kernel's parameters, in order
@@ -251,6 +251,7 @@ class Recorder:
         """Launches are recorded, not run, and the device answers for the target."""
         from triton.runtime.autotuner import Autotuner
         from triton.runtime.jit import JITFunction
+
         from fastvit_kernels.triton import _common
 
         recorder = self
@@ -320,8 +321,11 @@ def _layer_norms(s: Shape, batch: int, dtype, extras: bool):
 
 
 def _linear_gelu(s: Shape, batch: int, dtype, extras: bool):
-    from fastvit_kernels.triton.linear_gelu import (linear_gelu_backward, linear_gelu_backward_recompute,
-                                                    linear_gelu_forward)
+    from fastvit_kernels.triton.linear_gelu import (
+        linear_gelu_backward,
+        linear_gelu_backward_recompute,
+        linear_gelu_forward,
+    )
     hidden = 4 * s.dim
     x = _empty(batch, s.tokens, s.dim, dtype=dtype)
     weight, bias = _empty(hidden, s.dim, dtype=dtype), _empty(hidden, dtype=dtype)
@@ -459,6 +463,7 @@ def parse_ptxas(log: str) -> tuple[int | None, int, int]:
 
 def _find_kernel(module: str, name: str):
     import importlib
+
     from triton.runtime.jit import JITFunction
     for obj in vars(importlib.import_module(module)).values():
         while obj is not None and not isinstance(obj, JITFunction) and hasattr(obj, "fn"):

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, max_shared_mem, sm_count
+from ._common import INTERPRET, max_shared_mem, sm_count, tuning_candidates
 
 LIN, SPLIT, PATCH, KERN = 0, 1, 2, 3
 ROWSUM_N: tl.constexpr = tl.constexpr(16)  # width of the ones block for row sums (the smallest MMA N)
@@ -364,7 +364,7 @@ def _prune(configs, named_args, **kwargs):
             and (max_acc is None or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
                  <= max_acc)
             and _tile(c) not in spilling]
-    return kept or [min(mine, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return tuning_candidates(kept or [min(mine, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])])
 
 
 _gemm = triton.autotune(
@@ -387,7 +387,7 @@ class Operand:
     row_strides: tuple[int, int] = (0, 0)
     col_strides: tuple[int, int] = (0, 0)
 
-    def t(self) -> "Operand":
+    def t(self) -> Operand:
         return Operand(self.tensor, self.col, self.row, self.col_strides, self.row_strides)
 
 
@@ -418,7 +418,7 @@ class Geometry:
     s_w: int = 0
 
     @staticmethod
-    def of(images: torch.Tensor, patch: int) -> "Geometry":
+    def of(images: torch.Tensor, patch: int) -> Geometry:
         gh, gw = images.shape[2] // patch, images.shape[3] // patch
         return Geometry(patch, gh * gw, gw, images.shape[0], images.stride(2), images.stride(3))
 
