@@ -1,4 +1,5 @@
-# Fresh machine: `make bench` runs the main job, `make test` runs the tests.
+# Fresh machine: `make bench` runs the main job, `make test` runs the tests (lint, pytest
+# tests/, the Triton tests again under triton 3.6, and the GPU check's CPU smoke run).
 # Both create ./.venv and install what they need into it on first use.
 # TORCH picks the torch wheel; the default pin is the tested CPU build (no CUDA
 # downloads). On a GPU machine use e.g. `make test TORCH=torch`.
@@ -45,8 +46,10 @@ bench: $(STAMP)
 PYTEST36 = PYTHONPATH=$(CURDIR) $(VENV36)/bin/python -m pytest $(TRITON_TESTS)
 
 test: $(STAMP) $(STAMP36)
+	$(BIN)/ruff check vit bench tests fastvit_kernels
 	$(BIN)/python -m pytest tests/
 	$(PYTEST36)
+	$(MAKE) --no-print-directory gpu-check-smoke
 
 test-triton36: $(STAMP36)
 	$(PYTEST36)
