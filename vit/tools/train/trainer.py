@@ -47,29 +47,7 @@ class Trainer:
         if self.amp_dtype is torch.float16 and self.device.type == "cpu":
             self.say("note: fp16 autocast on CPU is slow and mostly for testing; prefer --amp bf16")
 
-        # Data first: it decides the number of classes. A fresh --init run takes the model (and
-        # the normalization) from the checkpoint when it carries them; a resumed one, from its
-        # saved state (the --init file is not read again).
-        self.init, self.init_notes, saved_cfg = None, [], None
-        if resume is not None and args.init:
-            saved_cfg = ViTConfig.from_dict(resume[1]["model_config"])
-        elif resume is None and args.init:
-            self.init = pretrained.inspect(args.init)
-        checkpoint_cfg = self.init.config if self.init is not None else None
-        preset_cfg = saved_cfg or resolve_config(args, num_classes=1, checkpoint=checkpoint_cfg)
-        if resume is None:
-            self.init_notes.append(pretrained.resolve_normalization(args, preset_cfg.in_chans, self.init))
-        self.data = Data(args, preset_cfg.in_chans, preset_cfg.img_hw, dist_)
-        self.cfg = saved_cfg or resolve_config(args, self.data.num_classes, checkpoint=checkpoint_cfg)
-        if saved_cfg is not None and saved_cfg.num_classes != self.data.num_classes:
-            raise TrainError(f"checkpoint mismatch: the model has {saved_cfg.num_classes} classes, "
-                             f"--data {args.data} has {self.data.num_classes}")
-        self.model_name = args.model
-        if self.init is not None:
-            self.cfg, note = pretrained.finetune_config(args, self.cfg)
-            self.init_notes.append(note)
-            if checkpoint_cfg is not None and "model" not in args.explicit:
-                self.model_name = f"(config of {args.init})"
+        self.data, self.cfg = self._data_and_config(args, dist_, resume)
         cls, self.fast = resolve_model_class(args.fast)
 
         torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -125,6 +103,38 @@ class Trainer:
         else:
             # Dropout / stochastic depth streams differ per rank, as separate GPUs would.
             torch.manual_seed(vdata.mix_seed(args.seed, 1 + dist_.rank))
+
+    def _data_and_config(self, args, dist_, resume) -> tuple[Data, ViTConfig]:
+        """The data (first: it decides the number of classes) and the model config.
+
+        A fresh ``--init`` run takes the model and the normalization from the checkpoint when it
+        carries them (typed options win) and the fine-tuning drop path; a resumed ``--init`` run
+        takes its saved config (the --init file is not read again). Sets ``init``,
+        ``init_notes`` (printed after the opening line) and ``model_name``.
+        """
+        self.init, self.init_notes, self.model_name, saved = None, [], args.model, None
+        if resume is not None and args.init:
+            saved = ViTConfig.from_dict(resume[1]["model_config"])
+            self.model_name = f"(saved config; --init {args.init})"
+        elif resume is None and args.init:
+            self.init = pretrained.inspect(args.init)
+        from_checkpoint = self.init.config if self.init is not None else None
+        shape = saved or resolve_config(args, num_classes=1, checkpoint=from_checkpoint)
+        if resume is None:  # on resume, --mean/--std come back with the other saved options
+            self.init_notes.append(pretrained.resolve_normalization(args, shape.in_chans, self.init))
+        data = Data(args, shape.in_chans, shape.img_hw, dist_)
+        if saved is not None:
+            if saved.num_classes != data.num_classes:
+                raise TrainError(f"checkpoint mismatch: the model has {saved.num_classes} classes, "
+                                 f"--data {args.data} has {data.num_classes}")
+            return data, saved
+        cfg = resolve_config(args, data.num_classes, checkpoint=from_checkpoint)
+        if self.init is not None:
+            cfg, note = pretrained.finetune_config(args, cfg)
+            self.init_notes.append(note)
+            if from_checkpoint is not None and "model" not in args.explicit:
+                self.model_name = f"(config of {args.init})"
+        return data, cfg
 
     def _load_weights(self, module, weights: dict, source) -> None:
         try:
