@@ -167,6 +167,27 @@ def test_mean_and_std_reach_both_splits(tmp_path):
     assert (train_set.mean, train_set.std) == ((0.5,), (0.25,)) == (eval_set.eval_recipe.mean, eval_set.eval_recipe.std)
 
 
+def test_normalization_sources(tmp_path):
+    from vit.tools.preprocess import Preprocess
+    from vit.tools.train import pretrained
+
+    def resolved(in_chans, preprocess=None, *typed):
+        args = train_args.parse_args(list(typed))
+        source = pretrained.InitSource(tmp_path, None, preprocess)
+        note = pretrained.resolve_normalization(args, in_chans, source)
+        return args.mean, args.std, note
+
+    assert resolved(3) == (None, None, None)  # ImageNet's, as without --init
+    mean, std, note = resolved(3, None, "--mean", "0.5", "--std", "0.2")
+    assert (mean, std) == ([0.5] * 3, [0.2] * 3) and "--mean/--std" in note
+    rgb = Preprocess(resize=None, crop=None, mean=(0.3, 0.6, 0.9), std=(0.1, 0.2, 0.3))
+    mean, std, note = resolved(1, rgb)  # an RGB checkpoint adapted to gray input
+    assert mean == pytest.approx([0.6]) and std == pytest.approx([0.2]) and "preprocessor_config.json" in note
+    assert resolved(3, Preprocess(resize=None, crop=None, normalize=False))[:2] == ([0.0] * 3, [1.0] * 3)
+    with pytest.raises(train.TrainError, match="--mean has 2 values, the model takes 3-channel images"):
+        resolved(3, None, "--mean", "0.5", "0.5", "--std", "0.2")
+
+
 # ------------------------------------------------------------------------- optimizer groups
 
 def _trainer(tmp_path: Path, *argv: str) -> Trainer:
@@ -224,15 +245,18 @@ def test_layer_decay_run_resumes_exactly(tmp_path):
     assert run(tmp_path / "full", "--resume", str(tmp_path / "full"), "--layer-decay", "0.7") == 1
 
 
-def test_freeze_backbone_trains_the_head_only(tmp_path, capsys):
+def test_freeze_backbone_trains_the_head_only_and_resumes_exactly(tmp_path, capsys):
     pre = checkpoint(tmp_path, num_classes=10)
-    assert run(tmp_path / "out", "--init", str(pre), "--freeze-backbone", "--steps", "5", "--batch-size", "16",
-               *SHORT) == 0
+    assert run(tmp_path / "out", "--init", str(pre), "--freeze-backbone", "--steps", "4", "--batch-size", "16",
+               "--ckpt-every", "2", "--eval-every", "0", "--log-every", "1") == 0
     before, after = weights_io.load(pre), weights_io.load(tmp_path / "out" / "model.safetensors")
     assert before.keys() == after.keys()
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
     assert changed == ["head.bias", "head.weight"], changed
     assert "loaded 32 tensors" in capsys.readouterr().out  # the 10-class head was loaded too
+    assert run(tmp_path / "resumed", "--resume", str(tmp_path / "out" / "checkpoints" / "step_00000002")) == 0
+    resumed = weights_io.load(tmp_path / "resumed" / "model.safetensors")
+    assert not [k for k in after if not torch.equal(after[k], resumed[k])]
 
 
 # ------------------------------------------------------------------------------------ errors

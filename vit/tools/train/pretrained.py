@@ -81,16 +81,21 @@ def _per_channel(values, channels: int, name: str) -> list[float]:
 def resolve_normalization(args, in_chans: int, source: InitSource | None) -> str | None:
     """Set ``args.mean`` / ``args.std`` (saved with the run, restored on resume): the typed
     --mean/--std, else the --init checkpoint's preprocessor config, else None (ImageNet's).
-    Returns a note for the run's output, or None when the defaults are used."""
+    Only the mean/std are taken from a preprocessor config: the data keeps its own resizing
+    (to the model's image size) and scales pixels to [0, 1]. Returns a note for the run's
+    output, or None when the defaults are used."""
     if args.mean is not None:
         args.mean = _per_channel(args.mean, in_chans, "--mean")
         args.std = _per_channel(args.std, in_chans, "--std")
         return f"normalization mean {args.mean} std {args.std} (--mean/--std)"
-    if source is None or source.preprocess is None or not source.preprocess.normalize:
+    if source is None or source.preprocess is None:
         return None
     where = f"{PREPROCESSOR_FILE} of {source.path}"
-    args.mean = _per_channel(source.preprocess.mean, in_chans, f"image_mean in {where}")
-    args.std = _per_channel(source.preprocess.std, in_chans, f"image_std in {where}")
+    if source.preprocess.normalize:
+        args.mean = _per_channel(source.preprocess.mean, in_chans, f"image_mean in {where}")
+        args.std = _per_channel(source.preprocess.std, in_chans, f"image_std in {where}")
+    else:  # do_normalize false: the model was trained on [0, 1] pixels
+        args.mean, args.std = [0.0] * in_chans, [1.0] * in_chans
     return f"normalization mean {args.mean} std {args.std} (from {where})"
 
 
