@@ -19,6 +19,7 @@ Randomness never comes from the global RNG: the data order is a function of
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,21 +60,21 @@ def _check_image_spec(in_chans: int, img_hw) -> tuple[int, int]:
     return img_hw
 
 
-def _normalize(images: torch.Tensor) -> torch.Tensor:
-    """Scale [0, 1] images with the ImageNet mean/std (gray: the channel means), as
-    ``vit.tools.preprocess`` does."""
-    if images.shape[1] == 3:
-        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    else:
-        mean, std = torch.tensor(GRAY_MEAN), torch.tensor(GRAY_STD)
+def _normalize(images: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """Scale [0, 1] images with ``mean``/``std`` (one value per channel), by default the
+    ImageNet statistics (gray: their channel means), as ``vit.tools.preprocess`` does."""
+    if mean is None or std is None:
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if images.shape[1] == 3 else (GRAY_MEAN, GRAY_STD)
+    mean, std = torch.tensor(mean, dtype=images.dtype), torch.tensor(std, dtype=images.dtype)
     return (images - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 # ------------------------------------------------------------------------------ digits
 
-def load_digits(in_chans: int, img_hw, test_fraction: float = 0.2, split_seed: int = 0
-                ) -> tuple[TensorData, TensorData]:
-    """scikit-learn's digits as (train, test), upscaled to ``img_hw`` with ``in_chans`` channels.
+def load_digits(in_chans: int, img_hw, test_fraction: float = 0.2, split_seed: int = 0,
+                mean=None, std=None) -> tuple[TensorData, TensorData]:
+    """scikit-learn's digits as (train, test), upscaled to ``img_hw`` with ``in_chans`` channels,
+    normalized with ``mean``/``std`` (default: the ImageNet statistics).
 
     The split is a fixed permutation (``split_seed``), independent of the training seed,
     so that every run is evaluated on the same held-out images.
@@ -91,7 +92,7 @@ def load_digits(in_chans: int, img_hw, test_fraction: float = 0.2, split_seed: i
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
     labels = torch.tensor(bunch.target, dtype=torch.int64)
     images = F.interpolate(images, size=img_hw, mode="bilinear", align_corners=False)
-    images = _normalize(images.expand(-1, in_chans, -1, -1).contiguous())
+    images = _normalize(images.expand(-1, in_chans, -1, -1).contiguous(), mean, std)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed))
     num_test = round(len(labels) * test_fraction)
     test, train = order[:num_test], order[num_test:]
@@ -183,10 +184,11 @@ class ImageFolder(torch.utils.data.Dataset):
 
     ``train=True`` augments with a crop and flip drawn from a generator seeded by
     ``(seed, epoch, index)``; set ``epoch`` before building each epoch's DataLoader.
+    ``mean``/``std`` normalize both splits (default: the ImageNet statistics).
     """
 
     def __init__(self, samples: list[tuple[str, int]], num_classes: int, in_chans: int, img_hw,
-                 train: bool, seed: int = 0, classes: list[str] | None = None):
+                 train: bool, seed: int = 0, classes: list[str] | None = None, mean=None, std=None):
         self.samples = list(samples)
         self.num_classes = num_classes
         self.classes = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
@@ -196,6 +198,9 @@ class ImageFolder(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.eval_recipe = default_preprocess(self.img_hw, in_chans=in_chans)
+        if mean is not None and std is not None:
+            self.eval_recipe = dataclasses.replace(self.eval_recipe, mean=tuple(mean), std=tuple(std))
+        self.mean, self.std = self.eval_recipe.mean, self.eval_recipe.std
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -220,11 +225,11 @@ class ImageFolder(torch.utils.data.Dataset):
             return self.eval_recipe(self.open(path)), label
         gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, index))
         image = train_transform(self.decode(path), self.img_hw, gen)
-        return _normalize(image.unsqueeze(0)).squeeze(0), label
+        return _normalize(image.unsqueeze(0), self.mean, self.std).squeeze(0), label
 
 
-def load_image_folder(root, in_chans: int, img_hw, seed: int = 0, val_fraction: float = 0.1
-                      ) -> tuple[ImageFolder, ImageFolder]:
+def load_image_folder(root, in_chans: int, img_hw, seed: int = 0, val_fraction: float = 0.1,
+                      mean=None, std=None) -> tuple[ImageFolder, ImageFolder]:
     """(train, eval) datasets from ``root``.
 
     ``root/train`` and ``root/val`` (or ``root/test``) are used when present; otherwise
@@ -254,8 +259,9 @@ def load_image_folder(root, in_chans: int, img_hw, seed: int = 0, val_fraction: 
             train += [mine[i] for i in order[cut:]]
         if not held_out:
             held_out = train
-    return (ImageFolder(train, len(classes), in_chans, img_hw, train=True, seed=seed, classes=classes),
-            ImageFolder(held_out, len(classes), in_chans, img_hw, train=False, seed=seed, classes=classes))
+    norm = dict(classes=classes, mean=mean, std=std)
+    return (ImageFolder(train, len(classes), in_chans, img_hw, train=True, seed=seed, **norm),
+            ImageFolder(held_out, len(classes), in_chans, img_hw, train=False, seed=seed, **norm))
 
 
 # ------------------------------------------------------------------------------ order

@@ -26,7 +26,8 @@ TRAIN_PRESETS: dict[str, tuple[str, dict]] = {
 TRAJECTORY_OPTIONS = ("model", "set", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
                       "mlp_ratio", "data", "synthetic_size", "num_classes", "val_fraction", "steps",
                       "batch_size", "accum_steps", "lr", "min_lr", "warmup_steps", "weight_decay",
-                      "clip_grad", "label_smoothing", "amp", "seed", "fsdp")
+                      "clip_grad", "label_smoothing", "amp", "seed", "fsdp", "mean", "std", "layer_decay",
+                      "head_lr_scale", "freeze_backbone")
 
 
 def _parse_set(text: str):
@@ -62,7 +63,12 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
         help="vit.fast.ViT (--fast: required; default: if available) or the reference (--no-fast)")
     add("--backend", group=m, choices=("auto", "triton", "cpp", "torch"),
         help="kernel backend of the fast model (default: FASTVIT_BACKEND or auto)")
-    add("--init", group=m, metavar="PATH", help="start from these weights (a checkpoint file)")
+    add("--init", group=m, metavar="PATH",
+        help="fine-tune from these weights: a timm / Hugging Face / fastvit checkpoint file or a HF "
+        "snapshot directory. A checkpoint that carries its config (fastvit metadata, config.json) "
+        "gives the model, overridden by --model / --img-size / ... / --set; the classifier is "
+        "re-initialized for the data's classes, the position embedding resampled, the patch "
+        "embedding adapted to the channels; drop_path_rate defaults to the fine-tuning recipe's")
 
     d = parser.add_argument_group("data")
     add("--data", group=d, default="digits", help="digits | synthetic | PATH to an ImageFolder directory")
@@ -71,6 +77,10 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
         "ImageFolder data bring their own: a different value is refused)")
     add("--val-fraction", group=d, type=float, default=0.1,
         help="held-out share of an ImageFolder without train/ and val/ folders")
+    add("--mean", group=d, type=float, nargs="+", metavar="M",
+        help="normalization mean per channel (default: the --init checkpoint's preprocessor_config.json, "
+        "else ImageNet's)")
+    add("--std", group=d, type=float, nargs="+", metavar="S", help="normalization std per channel (with --mean)")
     add("--workers", group=d, type=int, default=min(4, os.cpu_count() or 1),
         help="DataLoader worker processes for ImageFolder data")
 
@@ -90,6 +100,13 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     add("--max-bad-steps", group=o, type=int, default=20,
         help="stop after this many non-finite (skipped) steps in a row")
     add("--seed", group=o, type=int, default=0)
+
+    f = parser.add_argument_group("fine-tuning")
+    add("--layer-decay", group=f, type=float, metavar="D",
+        help="layer-wise lr decay (BEiT): block i gets lr * D ** (depth - i), the embedding lr * D ** (depth + 1)")
+    add("--head-lr-scale", group=f, type=float, metavar="S", help="multiply the head's learning rate by S")
+    add("--freeze-backbone", group=f, action="store_true", default=False,
+        help="train the classifier only (a linear probe)")
 
     s = parser.add_argument_group("scale and speed")
     add("--fsdp", group=s, action="store_true", default=False,
@@ -134,6 +151,14 @@ def parse_args(argv: list[str] | None):
         parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         parser.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.layer_decay is not None and not 0.0 < args.layer_decay <= 1.0:
+        parser.error(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    if args.head_lr_scale is not None and args.head_lr_scale <= 0:
+        parser.error(f"--head-lr-scale must be > 0, got {args.head_lr_scale}")
+    if (args.mean is None) != (args.std is None):
+        parser.error("--mean and --std go together: give both or neither")
+    if args.std is not None and min(args.std) <= 0:
+        parser.error(f"--std must be > 0, got {args.std}")
     return args
 
 
@@ -161,10 +186,13 @@ def normal(value):
     return json.loads(json.dumps(value))
 
 
-def resolve_config(args, num_classes: int) -> ViTConfig:
-    """Preset + command-line overrides + the dataset's number of classes."""
+def resolve_config(args, num_classes: int, checkpoint: ViTConfig | None = None) -> ViTConfig:
+    """Preset + command-line overrides + the dataset's number of classes. ``checkpoint``: the
+    config stored with the --init weights, which replaces the preset unless --model was typed."""
     overrides = {}
-    if args.model in TRAIN_PRESETS:
+    if checkpoint is not None and "model" not in getattr(args, "explicit", ()):
+        base = checkpoint
+    elif args.model in TRAIN_PRESETS:
         base, overrides = TRAIN_PRESETS[args.model]
         overrides = dict(overrides)
     elif args.model in PRESETS:
@@ -178,7 +206,7 @@ def resolve_config(args, num_classes: int) -> ViTConfig:
         overrides[key] = tuple(value) if isinstance(value, list) else value
     overrides["num_classes"] = num_classes
     try:
-        return get_config(base, **overrides)
+        return base.replace(**overrides) if isinstance(base, ViTConfig) else get_config(base, **overrides)
     except (TypeError, ValueError) as exc:
         raise TrainError(f"invalid model configuration: {exc}") from exc
 

@@ -41,8 +41,10 @@ class Data:
 
     def _read(self, args, source: str, cfg_in_chans: int, img_hw) -> None:
         self.class_names = None
+        # the normalization of a run (--mean/--std or the --init checkpoint's); None: ImageNet's
+        norm = dict(mean=getattr(args, "mean", None), std=getattr(args, "std", None))
         if source == "digits":
-            train, test = vdata.load_digits(cfg_in_chans, img_hw)
+            train, test = vdata.load_digits(cfg_in_chans, img_hw, **norm)
             self.train, self.test = train.to(self.device), test.to(self.device)
             self.class_names = [str(i) for i in range(10)]
         elif source == "synthetic":
@@ -57,7 +59,7 @@ class Data:
                 raise TrainError(f"--data {source!r} is a file, not a directory "
                                  "(expected root/<class>/<image>)")
             self.train, self.test = vdata.load_image_folder(source, cfg_in_chans, img_hw, seed=args.seed,
-                                                            val_fraction=args.val_fraction)
+                                                            val_fraction=args.val_fraction, **norm)
             self.class_names = list(self.train.classes)
 
     def _load(self, dataset, index_lists, epoch: int = -1):

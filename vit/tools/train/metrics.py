@@ -69,7 +69,7 @@ def opening_line(t, params: int) -> str:
     """What is trained, on what, how: the first line a run prints."""
     args, cfg = t.args, t.cfg
     mode = "FSDP2" if t.sharded else "DDP" if t.dist.enabled else "single process"
-    return (f"fastvit train: {'vit.fast.ViT' if t.fast else 'vit.ViT'} {args.model} "
+    return (f"fastvit train: {'vit.fast.ViT' if t.fast else 'vit.ViT'} {getattr(t, 'model_name', args.model)} "
             f"({params / 1e6:.2f}M params, img {cfg.img_hw[0]}x{cfg.img_hw[1]}, patch "
             f"{cfg.patch_size}, dim {cfg.embed_dim}, depth {cfg.depth}), data {args.data} "
             f"({len(t.data.train)} train / {len(t.data.test)} eval), {mode} x{t.dist.world_size} "
@@ -84,7 +84,7 @@ def summarize(t, *, params: int, wall: float, first_step_s: float | None, loss: 
     trained = args.steps - t.start_step
     timed = first_step_s is not None and trained > 1 and wall > first_step_s
     summary = {
-        "model": args.model, "fast": t.fast, "params": params, "data": args.data,
+        "model": getattr(t, "model_name", args.model), "fast": t.fast, "params": params, "data": args.data,
         "world_size": t.dist.world_size, "fsdp": t.sharded, "amp": args.amp,
         "device": t.device.type, "global_batch": args.batch_size, "steps": args.steps,
         "steps_this_run": trained, "resumed_from": t.start_step or None,
@@ -94,6 +94,9 @@ def summarize(t, *, params: int, wall: float, first_step_s: float | None, loss: 
         "final_loss": loss, "skipped_steps": t.skipped_steps, **result, "best_eval_acc": t.best_acc,
         "weights": str(weights_path),
     }
+    notes = [note for note in getattr(t, "init_notes", ()) if note]
+    if notes:  # what --init loaded and re-initialized, the drop path and normalization used
+        summary["init"] = "; ".join(notes)
     if t.device.type == "cuda":
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(t.device) / 2**30
     return summary

@@ -41,11 +41,12 @@ class WarmupCosine:
         return self.floor + 0.5 * (self.peak - self.floor) * (1.0 + math.cos(math.pi * progress))
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Set the rate of ``step`` (0-based) on every parameter group; returns it."""
+        """Set the rate of ``step`` (0-based) on every parameter group, times the group's
+        ``lr_scale`` if it has one (layer decay, head scale: ``finetune.param_groups``); returns it."""
         self.step = step
         rate = self.lr(step)
         for group in optimizer.param_groups:
-            group["lr"] = rate
+            group["lr"] = rate * group["lr_scale"] if "lr_scale" in group else rate
         return rate
 
     def state_dict(self) -> dict:

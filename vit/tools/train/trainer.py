@@ -15,10 +15,12 @@ import torch.nn.functional as F
 
 from vit import weights as weights_io
 from vit._io import atomic_write_text
+from vit.config import ViTConfig
 from vit.tools import data as vdata
 
 from ..progress import Progress
 from . import dist as distributed
+from . import finetune, pretrained
 from .args import normal, resolve_config, resolve_model_class
 from .batches import Data
 from .errors import TrainError
@@ -45,10 +47,7 @@ class Trainer:
         if self.amp_dtype is torch.float16 and self.device.type == "cpu":
             self.say("note: fp16 autocast on CPU is slow and mostly for testing; prefer --amp bf16")
 
-        # Data first: it decides the number of classes.
-        preset_cfg = resolve_config(args, num_classes=1)
-        self.data = Data(args, preset_cfg.in_chans, preset_cfg.img_hw, dist_)
-        self.cfg = resolve_config(args, self.data.num_classes)
+        self.data, self.cfg = self._data_and_config(args, dist_, resume)
         cls, self.fast = resolve_model_class(args.fast)
 
         torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -66,12 +65,13 @@ class Trainer:
                 raise TrainError(f"checkpoint mismatch: it was trained on {state.get('num_train_samples')} images, "
                                  f"the dataset now has {len(self.data.train)}")
             self.start_step = int(state["step"])
-        elif args.init:
+        elif self.init is not None:
+            self.init_notes.insert(0, str(pretrained.load(module, self.init)))
+        if args.freeze_backbone:
             try:
-                weights = weights_io.convert_state_dict(weights_io.load(args.init))
-            except Exception as exc:
-                raise TrainError(f"--init {args.init}: cannot read weights ({type(exc).__name__}: {exc})") from exc
-            self._load_weights(module, weights, args.init)
+                finetune.freeze_backbone(module)
+            except ValueError as exc:
+                raise TrainError(str(exc)) from exc
         if args.grad_checkpointing:
             if not hasattr(module, "set_grad_checkpointing"):
                 raise TrainError(f"{cls.__module__}.{cls.__name__} has no set_grad_checkpointing()")
@@ -79,8 +79,12 @@ class Trainer:
         module.to(self.device)
         self.module, self.model = distributed.wrap(module, dist_, fsdp=args.fsdp, compile=args.compile,
                                                    amp_dtype=self.amp_dtype, say=self.say)
-        self.optimizer = torch.optim.AdamW(param_groups(self.module, args.weight_decay), lr=args.lr,
-                                           betas=(0.9, 0.999), eps=1e-8, foreach=True)
+        if args.layer_decay is None and args.head_lr_scale is None:
+            groups = param_groups(self.module, args.weight_decay)  # the plain recipe
+        else:  # each group carries the lr_scale the schedule applies
+            groups = finetune.param_groups(self.module, args.weight_decay, depth=self.cfg.depth,
+                                           layer_decay=args.layer_decay, head_lr_scale=args.head_lr_scale or 1.0)
+        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
         warmup = args.warmup_steps if args.warmup_steps is not None else round(0.05 * args.steps)
         self.schedule = WarmupCosine(args.lr, args.min_lr, warmup, args.steps)
         self.scaler = None
@@ -99,6 +103,38 @@ class Trainer:
         else:
             # Dropout / stochastic depth streams differ per rank, as separate GPUs would.
             torch.manual_seed(vdata.mix_seed(args.seed, 1 + dist_.rank))
+
+    def _data_and_config(self, args, dist_, resume) -> tuple[Data, ViTConfig]:
+        """The data (first: it decides the number of classes) and the model config.
+
+        A fresh ``--init`` run takes the model and the normalization from the checkpoint when it
+        carries them (typed options win) and the fine-tuning drop path; a resumed ``--init`` run
+        takes its saved config (the --init file is not read again). Sets ``init``,
+        ``init_notes`` (printed after the opening line) and ``model_name``.
+        """
+        self.init, self.init_notes, self.model_name, saved = None, [], args.model, None
+        if resume is not None and args.init:
+            saved = ViTConfig.from_dict(resume[1]["model_config"])
+            self.model_name = f"(saved config; --init {args.init})"
+        elif resume is None and args.init:
+            self.init = pretrained.inspect(args.init)
+        from_checkpoint = self.init.config if self.init is not None else None
+        shape = saved or resolve_config(args, num_classes=1, checkpoint=from_checkpoint)
+        if resume is None:  # on resume, --mean/--std come back with the other saved options
+            self.init_notes.append(pretrained.resolve_normalization(args, shape.in_chans, self.init))
+        data = Data(args, shape.in_chans, shape.img_hw, dist_)
+        if saved is not None:
+            if saved.num_classes != data.num_classes:
+                raise TrainError(f"checkpoint mismatch: the model has {saved.num_classes} classes, "
+                                 f"--data {args.data} has {data.num_classes}")
+            return data, saved
+        cfg = resolve_config(args, data.num_classes, checkpoint=from_checkpoint)
+        if self.init is not None:
+            cfg, note = pretrained.finetune_config(args, cfg)
+            self.init_notes.append(note)
+            if from_checkpoint is not None and "model" not in args.explicit:
+                self.model_name = f"(config of {args.init})"
+        return data, cfg
 
     def _load_weights(self, module, weights: dict, source) -> None:
         try:
@@ -154,6 +190,9 @@ class Trainer:
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.say(opening_line(self, params))
+            notes = "; ".join(note for note in self.init_notes if note)
+            if notes:
+                self.say(f"{'init' if self.init is not None else 'note'}: {notes}")
         self.module.train()
         batches = self.data.train_batches(self.start_step)
         start = time.perf_counter()
