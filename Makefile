@@ -13,6 +13,9 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# The C++ backend is built on first use into this checkout (not the shared ~/.cache), so
+# no run waits on another checkout's build lock or loads a library built from other sources.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 STAMP := $(VENV)/.installed
 
 TRITON36 ?= triton==3.6.0
