@@ -116,6 +116,19 @@ def forward_backward(fn: Callable, inputs: Sequence, grads_out: Sequence[torch.T
     return list(outs), list(torch.autograd.grad(outs, wrt, grads_out))
 
 
+def on_backend(op: str, backend: str) -> Callable:
+    """The public ``fastvit_kernels.<op>`` run on one backend (its checks and dispatch included)."""
+    import fastvit_kernels as fk
+
+    public = getattr(fk, op)
+
+    def run(*args):
+        with fk.backend(backend):
+            return public(*args)
+
+    return run
+
+
 def check_op(name: str, fast_fn: Callable, ref_fn: Callable, inputs: Sequence,
              grads_out: Sequence[torch.Tensor] | None = None, rtol: float = FP32_RTOL) -> dict:
     """Outputs and input gradients of ``fast_fn(*inputs)`` against ``ref_fn`` by the parity rule.
