@@ -122,9 +122,9 @@ def on_backend(op: str, backend: str) -> Callable:
 
     public = getattr(fk, op)
 
-    def run(*args):
+    def run(*args, **kwargs):
         with fk.backend(backend):
-            return public(*args)
+            return public(*args, **kwargs)
 
     return run
 
@@ -161,4 +161,17 @@ def check_op(name: str, fast_fn: Callable, ref_fn: Callable, inputs: Sequence,
     for i, (fast, hi, low) in enumerate(zip(grads, hi_grads, low_grads)):
         assert_parity(f"{name} grad{i}", fast, hi, low, rtol)
         results[f"grad{i}"] = fast
+    return results
+
+
+def check_backend(backend: str, op: str, inputs: Sequence, grads_out: Sequence[torch.Tensor] | None = None,
+                  dtype: torch.dtype | None = None) -> dict:
+    """``check_op`` of the public op on one backend against ``reference.<op>``; with ``dtype``,
+    also that every output is in it. inputs: the op's arguments, in order."""
+    from fastvit_kernels import reference
+
+    results = check_op(f"{op}[{backend}]", on_backend(op, backend), getattr(reference, op), inputs, grads_out)
+    for name, value in results.items():
+        if dtype is not None and name.startswith("out"):
+            assert value.dtype == dtype, f"{op}[{backend}] {name}: dtype {value.dtype}, expected {dtype}"
     return results

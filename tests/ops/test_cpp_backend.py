@@ -1,11 +1,8 @@
-"""The cpp backend (csrc/, loaded by fastvit_kernels/_cpp.py) against the reference ops.
-
-Every op, forward and every gradient, through the public API under ``backend("cpp")``:
-fp32 against the fp64 reference (1e-5 relative), bf16 and fp16 by the parity rule, on
-awkward shapes (N=197, D=200, batch 1, non-contiguous and channels-last inputs, zero-size
-batch, more keys than one key block). Then opcheck on every ``fastvit::`` op,
-torch.compile(fullgraph=True) of a function using all of them, and the fallback when the
-extension cannot be built.
+"""The cpp backend as a whole (csrc/, loaded by fastvit_kernels/_cpp.py): it builds, its C++
+input checks, its autograd (csrc/autograd.cpp) with absent and frozen inputs, opcheck on
+every ``fastvit::`` op, torch.compile(fullgraph=True) of a function using all of them, and
+the fallback when the extension cannot be built. Each op's parity cases on this backend are
+in tests/ops/test_<op>.py.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import torch
 
 import fastvit_kernels as fk
 from fastvit_kernels import reference
-from fastvit_kernels.testing import assert_parity, rand, upcast
+from fastvit_kernels.testing import assert_parity, check_backend, rand, upcast
 
 CPP = fk.available_backends()["cpp"]
 HAVE_TOOLCHAIN = shutil.which(os.environ.get("CXX", "c++")) is not None and shutil.which("ninja") is not None
@@ -39,51 +36,11 @@ def test_cpp_backend_builds_where_a_compiler_exists():
 
 
 # ------------------------------------------------------------------------------ helpers
-def _outputs(result):
-    return result if isinstance(result, tuple) else (result,)
-
-
-def _run(fn, inputs, grads_out):
-    """Outputs of fn(*inputs) and the gradients wrt inputs needing grad, given upstream grads_out.
-
-    grads_out must already be in the outputs' dtypes (the high-precision run gets exact
-    upcasts of the op-dtype draws), so every run sees the very same upstream gradient.
-    """
-    outs = _outputs(fn(*inputs))
-    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    if not wrt:
-        return outs, []
-    return outs, list(torch.autograd.grad(outs, wrt, grads_out))
-
-
 def check(op: str, inputs, *args, dtype=torch.float32):
-    """Run op on the cpp backend and check outputs and gradients by the parity rule.
-
-    inputs: tensors (or None) already in ``dtype``, some requiring grad; args: the op's
-    non-tensor arguments.
-    """
-    public = getattr(fk, op)
-    ref = getattr(reference, op)
-    with fk.backend("cpp"):
-        probe = _outputs(public(*[t.detach() if isinstance(t, torch.Tensor) else t for t in inputs], *args))
-    # upstream gradients drawn in the op's dtype; the reference gets them upcast exactly
-    grads_out = [rand(*o.shape, dtype=o.dtype) for o in probe]
-
-    with fk.backend("cpp"):
-        fast_outs, fast_grads = _run(lambda *t: public(*t, *args), inputs, grads_out)
-    hi_inputs = upcast(*inputs)
-    ref_outs, ref_grads = _run(lambda *t: ref(*t, *args), hi_inputs, upcast(*grads_out))
-    low_outs, low_grads = [None] * len(ref_outs), [None] * len(ref_grads)
-    if dtype not in (torch.float32, torch.float64):
-        low_inputs = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
-        low_outs, low_grads = _run(lambda *t: ref(*t, *args), low_inputs, grads_out)
-
-    for i, (f, r, lo) in enumerate(zip(fast_outs, ref_outs, low_outs)):
-        assert f.dtype == dtype, f"{op} output {i}: dtype {f.dtype}, expected {dtype}"
-        assert_parity(f"{op} output {i}", f, r, lo)
-    names = [f"input {i}" for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
-    for name, f, r, lo in zip(names, fast_grads, ref_grads, low_grads):
-        assert_parity(f"{op} grad of {name}", f, r, lo)
+    """op on the cpp backend vs the reference by the parity rule (testing.check_op): outputs
+    and the gradients of the inputs needing grad. inputs: tensors (or None) already in
+    ``dtype``; args: the op's non-tensor arguments."""
+    check_backend("cpp", op, [*inputs, *args], dtype=dtype)
 
 
 def _leaf(*shape, dtype=torch.float32, **kw):
@@ -151,59 +108,6 @@ def test_patch_embed_channels_last_and_frozen_images():
     # images without grad (the usual case): no image gradient computed, the rest still right
     check("patch_embed", [rand(2, 3, 32, 32), _leaf(24, 3, 16, 16, std=0.1), _leaf(24), _leaf(1, 5, 24),
                           _leaf(1, 1, 24)])
-
-
-# ---------------------------------------------------------------------------- attention
-@needs_cpp
-@pytest.mark.parametrize("dtype", ALL)
-@pytest.mark.parametrize("shape", [(2, 3, 197, 32), (1, 2, 50, 80), (0, 2, 197, 64)])
-def test_attention(shape, dtype):
-    q, k, v = (_leaf(*shape, dtype=dtype) for _ in range(3))
-    check("attention", [q, k, v], None, dtype=dtype)
-
-
-@needs_cpp
-def test_attention_strided_views_cross_and_scale():
-    qkv = rand(2, 197, 3, 3, 32, requires_grad=True)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # strided (B, H, N, d) views, as the model makes them
-    check("attention", [q, k, v], 0.3)
-    check("attention", [_leaf(1, 2, 20, 64), _leaf(1, 2, 197, 64), _leaf(1, 2, 197, 64)], None)
-
-
-@needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_many_keys_uses_online_softmax(dtype):
-    # more keys than one key block (1024): the running max/sum rescaling path
-    q = _leaf(1, 1, 16, 32, dtype=dtype, std=2.0)
-    k, v = _leaf(1, 1, 1100, 32, dtype=dtype, std=2.0), _leaf(1, 1, 1100, 32, dtype=dtype)
-    check("attention", [q, k, v], None, dtype=dtype)
-
-
-@needs_cpp
-@pytest.mark.parametrize("n_keys", [5, 0])
-def test_attention_head_dim_zero_fills_lse(n_keys):
-    # d == 0: every score is an empty dot product (0), so the softmax is uniform over the
-    # keys and lse = log(N_k) (-inf without keys); the output is empty.
-    q, k, v = rand(2, 3, 4, 0), rand(2, 3, n_keys, 0), rand(2, 3, n_keys, 0)
-    lse_ref = torch.logsumexp(torch.zeros(2, 3, 4, n_keys), dim=-1)
-    for _ in range(3):  # fresh allocations, so garbage in an unfilled lse would show
-        out, lse = torch.ops.fastvit.attention_fwd(q, k, v, 1.0)
-        assert out.shape == (2, 3, 4, 0)
-        assert torch.equal(lse, lse_ref), lse
-    _, lse = torch.ops.fastvit.packed_attention_fwd(rand(2, 4, 0), 3, 1.0)
-    assert torch.equal(lse, torch.full((2, 3, 4), torch.log(torch.tensor(4.0)).item())), lse
-
-
-@needs_cpp
-@pytest.mark.parametrize("dtype", ALL)
-@pytest.mark.parametrize("batch", [2, 1, 0])
-def test_packed_attention(batch, dtype):
-    check("packed_attention", [_leaf(batch, 197, 3 * 3 * 40, dtype=dtype)], 3, dtype=dtype)
-
-
-@needs_cpp
-def test_packed_attention_noncontiguous_and_scale():
-    check("packed_attention", [_noncontig(1, 197, 3 * 2 * 64)], 2, 0.2)
 
 
 # ------------------------------------------------------------------ input checks in C++

@@ -14,7 +14,7 @@ import torch
 
 import fastvit_kernels as fk
 from fastvit_kernels import reference
-from fastvit_kernels.testing import assert_parity, check_op, on_backend, rand, upcast
+from fastvit_kernels.testing import assert_parity, check_backend, rand, upcast
 from fastvit_kernels.triton import layer_norm as tln
 
 EPS = 1e-6
@@ -61,7 +61,7 @@ def _check_parity(op, args, dtype, backend="triton", eps=EPS):
         inputs, grads_out = [x, w, b, eps], [dnormed]
     else:
         inputs, grads_out = [x, residual, w, b, eps], [dnormed, dsummed]
-    results = check_op(f"{op}[{backend}]", on_backend(op, backend), getattr(reference, op), inputs, grads_out)
+    results = check_backend(backend, op, inputs, grads_out)
     for name, value in results.items():
         assert value.dtype == dtype, f"{name}: dtype {value.dtype}, expected {dtype}"
     return results
@@ -126,10 +126,7 @@ def _noncontig(*shape, dtype=torch.float32, **kw):
 
 def _check_cpp(op, inputs, eps, dtype=torch.float32):
     """``op`` on the cpp backend (CPU) vs the reference, upstream gradients drawn by check_op."""
-    results = check_op(f"{op}[cpp]", on_backend(op, "cpp"), getattr(reference, op), [*inputs, eps])
-    for name, value in results.items():
-        if name.startswith("out"):
-            assert value.dtype == dtype, f"{name}: dtype {value.dtype}, expected {dtype}"
+    check_backend("cpp", op, [*inputs, eps], dtype=dtype)
 
 
 ALL = [torch.float32, torch.bfloat16, torch.float16]
