@@ -167,11 +167,11 @@ def check_op(name: str, fast_fn: Callable, ref_fn: Callable, inputs: Sequence,
 def check_backend(backend: str, op: str, inputs: Sequence, grads_out: Sequence[torch.Tensor] | None = None,
                   dtype: torch.dtype | None = None) -> dict:
     """``check_op`` of the public op on one backend against ``reference.<op>``; with ``dtype``,
-    also that every output is in it. inputs: the op's arguments, in order."""
+    also that every output and gradient is in it. inputs: the op's arguments, in order."""
     from fastvit_kernels import reference
 
     results = check_op(f"{op}[{backend}]", on_backend(op, backend), getattr(reference, op), inputs, grads_out)
     for name, value in results.items():
-        if dtype is not None and name.startswith("out"):
+        if dtype is not None:
             assert value.dtype == dtype, f"{op}[{backend}] {name}: dtype {value.dtype}, expected {dtype}"
     return results
