@@ -148,19 +148,43 @@ def test_dispatch_and_supports(device):
 
 
 def test_configs_are_pruned_by_the_devices_shared_memory(monkeypatch):
-    """The shared-memory filter reads the device's limit (the H100 figure off CUDA)."""
-    def smem(c, size):
-        return (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * size * c.num_stages
-
+    """The shared-memory filter reads the device's limit (the H100 figure off CUDA) and
+    counts the prologue scale's tile, which doubles the A side of every stage."""
     configs = tg._gpu_configs()
-    a = torch.empty(1, dtype=torch.float32)
+    a = torch.empty(1, dtype=torch.float16)
     assert tg.max_shared_mem(a.device) == 227 * 1024
-    h100 = tg._prune(configs, {"a_ptr": a})
-    assert all(smem(c, 4) <= 200 * 1024 for c in h100) and len(h100) < len(configs)
+    budget = 227 * 1024 - tg._SMEM_MARGIN
+    h100 = tg._prune(configs, {"a_ptr": a}, PROLOGUE_SCALE=True)
+    assert h100 and all(tg.smem_estimate(c, 2, True) <= budget for c in h100)
+    # 128x128x64, 4 stages: A, scale and B tiles (192 KiB) and the ones block fit 200 KiB.
+    big = tg._config((128, 128, 64, 4, 8))
+    assert tg.smem_estimate(big, 2, True) == (4 * (2 * 128 * 64 + 64 * 128) + 64 * 16) * 2
     monkeypatch.setattr(tg, "max_shared_mem", lambda device: 160 * 1024)
-    small = tg._prune(configs, {"a_ptr": a})
-    assert len(small) == 3 and all(smem(c, 4) <= 160 * 1024 - tg._SMEM_MARGIN for c in small)
+    small = tg._prune(configs, {"a_ptr": a}, PROLOGUE_SCALE=True)
+    assert small and all(tg.smem_estimate(c, 2, True) <= 160 * 1024 - tg._SMEM_MARGIN for c in small)
     assert len(small) < len(h100)
+    monkeypatch.setattr(tg, "max_shared_mem", lambda device: 16 * 1024)
+    (fallback,) = tg._prune(configs, {"a_ptr": a})
+    assert tg._tile(fallback) == (64, 64, 64, 4, 4)  # nothing fits: the smallest tile
+
+
+def test_configs_are_chosen_by_dtype_and_epilogue():
+    """fp32 (FMA dot) gets its shallow-K tiles, 16-bit operands the tensor-core ones;
+    a fused epilogue never gets more than 64 accumulator elements per thread (more
+    spills on sm_90), while a plain GEMM may use the 128x256 tile."""
+    configs = tg._gpu_configs()
+    half, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
+    plain = tg._prune(configs, {"a_ptr": half})
+    assert {tg._tile(c) for c in plain} == set(tg._HALF_TILES)
+    assert {tg._tile(c) for c in tg._prune(configs, {"a_ptr": fp32})} == set(tg._FP32_TILES)
+    for flag in ("HAS_BIAS", "ACT", "ACT_GRAD_OUT", "EPI_GELU_GRAD", "PROLOGUE_SCALE", "HAS_POS"):
+        fused = tg._prune(configs, {"a_ptr": half}, **{flag: 1})
+        assert fused and len(fused) < len(plain), flag
+        assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in fused)
+    # Patches of channels-last images (pixel stride 3): only 32 accumulator elements per thread.
+    strided = tg._prune(configs, {"a_ptr": half, "s_w": 3}, P=16)
+    assert [tg._tile(c) for c in strided] == [(64, 64, 64, 4, 4)]
+    assert len(tg._prune(configs, {"a_ptr": half, "s_w": 1}, P=16)) > 1
 
 
 @pytest.mark.cuda

@@ -62,6 +62,17 @@ def test_patch_embed_k588(backend, dtype, device):
     check_backend(backend, "patch_embed", inputs, dtype=dtype)
 
 
+def test_patch14_weight_rows_get_an_aligned_stride(device):
+    """K = 588 rows are copied to a stride of 592 (a multiple of 16, so that the
+    compiler can vectorise their loads); K = 768 rows are used in place."""
+    w14 = rand(8, 3, 14, 14, device=device)
+    rows = tpe._weight_rows(w14)
+    assert rows.shape == (8, 588) and rows.stride() == (592, 1)
+    assert torch.equal(rows, w14.reshape(8, 588))
+    w16 = rand(8, 3, 16, 16, device=device)
+    assert tpe._weight_rows(w16).data_ptr() == w16.data_ptr()
+
+
 @pytest.mark.parametrize("patch,chans,cls,channels_last,dtype", [
     (8, 3, False, True, torch.float32),
     (16, 1, True, True, torch.float16),
