@@ -116,6 +116,19 @@ def forward_backward(fn: Callable, inputs: Sequence, grads_out: Sequence[torch.T
     return list(outs), list(torch.autograd.grad(outs, wrt, grads_out))
 
 
+def on_backend(op: str, backend: str) -> Callable:
+    """The public ``fastvit_kernels.<op>`` run on one backend (its checks and dispatch included)."""
+    import fastvit_kernels as fk
+
+    public = getattr(fk, op)
+
+    def run(*args, **kwargs):
+        with fk.backend(backend):
+            return public(*args, **kwargs)
+
+    return run
+
+
 def check_op(name: str, fast_fn: Callable, ref_fn: Callable, inputs: Sequence,
              grads_out: Sequence[torch.Tensor] | None = None, rtol: float = FP32_RTOL) -> dict:
     """Outputs and input gradients of ``fast_fn(*inputs)`` against ``ref_fn`` by the parity rule.
@@ -148,4 +161,17 @@ def check_op(name: str, fast_fn: Callable, ref_fn: Callable, inputs: Sequence,
     for i, (fast, hi, low) in enumerate(zip(grads, hi_grads, low_grads)):
         assert_parity(f"{name} grad{i}", fast, hi, low, rtol)
         results[f"grad{i}"] = fast
+    return results
+
+
+def check_backend(backend: str, op: str, inputs: Sequence, grads_out: Sequence[torch.Tensor] | None = None,
+                  dtype: torch.dtype | None = None) -> dict:
+    """``check_op`` of the public op on one backend against ``reference.<op>``; with ``dtype``,
+    also that every output and gradient is in it. inputs: the op's arguments, in order."""
+    from fastvit_kernels import reference
+
+    results = check_op(f"{op}[{backend}]", on_backend(op, backend), getattr(reference, op), inputs, grads_out)
+    for name, value in results.items():
+        if dtype is not None:
+            assert value.dtype == dtype, f"{op}[{backend}] {name}: dtype {value.dtype}, expected {dtype}"
     return results

@@ -48,3 +48,13 @@ def test_tolerance_and_compare_follow_the_rule():
     assert not testing.compare("y", hi + 2 * tol, hi, tol).ok
     assert not testing.compare("y", hi.clone().fill_(float("nan")), hi, tol).ok
     assert not testing.compare("y", hi[:2], hi, tol).ok
+
+
+def test_check_backend_runs_the_public_op_and_checks_dtypes():
+    x = testing.rand(3, 16, mean=1.0, requires_grad=True)
+    results = testing.check_backend("torch", "layer_norm", [x, None, None, 1e-6], dtype=torch.float32)
+    assert sorted(results) == ["grad0", "out0"]
+    with pytest.raises(AssertionError, match="dtype"):
+        testing.check_backend("torch", "layer_norm", [x, None, None, 1e-6], dtype=torch.float16)
+    with pytest.raises(fk.BackendUnavailableError, match="cpp"):  # pinned: no quiet fallback
+        testing.on_backend("layer_norm", "cpp")(torch.ones(2, 4, device="meta"), None, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..reference import default_scale, split_qkv
 from ._common import INTERPRET, dtype_unsupported, max_shared_mem, tuning_candidates
 from .attention_kernels import (
     LOG2E,
@@ -208,11 +209,6 @@ def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.unflatten(-1, (num_heads, -1)).transpose(1, 2)
 
 
-def _split_packed(qkv: torch.Tensor, num_heads: int):
-    """(B, N, 3*H*d) laid out (B, N, 3, H, d) -> q, k, v views, each (B, H, N, d)."""
-    return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 # ------------------------------------------------------------------------- torch.library ops
 @torch.library.custom_op("fastvit_triton::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
@@ -270,7 +266,7 @@ def _packed_attention_op(qkv: torch.Tensor, num_heads: int, scale: float
     qkv = _unit_last_stride(qkv)
     batch, tokens, width = qkv.shape
     out = torch.empty((batch, tokens, width // 3), dtype=qkv.dtype, device=qkv.device)
-    q, k, v = _split_packed(qkv, num_heads)
+    q, k, v = split_qkv(qkv, num_heads)
     lse = attention_forward(q, k, v, _heads(out, num_heads), scale)
     return out, lse
 
@@ -288,8 +284,8 @@ def _packed_attention_backward_op(grad_out: torch.Tensor, grad_lse: torch.Tensor
                                   num_heads: int, scale: float) -> torch.Tensor:
     qkv, grad_out = _unit_last_stride(qkv), _unit_last_stride(grad_out)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    q, k, v = _split_packed(qkv, num_heads)
-    dq, dk, dv = _split_packed(dqkv, num_heads)
+    q, k, v = split_qkv(qkv, num_heads)
+    dq, dk, dv = split_qkv(dqkv, num_heads)
     attention_backward(_heads(grad_out, num_heads), grad_lse, q, k, v, _heads(out, num_heads), lse,
                        dq, dk, dv, scale)
     return dqkv
@@ -356,7 +352,7 @@ def attention(q, k, v, scale=None):
     ``attention_unsupported``. Strided views are read in place (a strided last dimension
     is copied once). Returns a contiguous (B, H, Nq, d) tensor.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     # Copying here (not only inside the op) lets autograd route gradients through the copy.
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     return _attention_op(q, k, v, scale)[0]
@@ -368,7 +364,7 @@ def packed_attention(qkv, num_heads, scale=None):
     Arguments as validated by ``fastvit_kernels.packed_attention`` and accepted by
     ``packed_attention_unsupported``.
     """
-    scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5 if scale is None else float(scale)
+    scale = default_scale(qkv.shape[-1] // (3 * num_heads)) if scale is None else float(scale)
     return _packed_attention_op(_unit_last_stride(qkv), num_heads, scale)[0]
 
 

@@ -106,7 +106,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_BH, V_BH, stride_kn, stride_vn, start, end, N
 
 @triton.jit
 def attn_fwd(
-    Q, K, V, O,                                  # (B, H, N, d) views, unit stride on d
+    Q, K, V, Out,                                # (B, H, N, d) views, unit stride on d
     LSE,                                         # (B*H, N_Q) fp32 out: natural-log log-sum-exp
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -143,7 +143,7 @@ def attn_fwd(
                                    DOT_PRECISION)
 
     acc = acc / l_i[:, None]
-    _store_rows(O + b * stride_ob + h * stride_oh, acc.to(O.dtype.element_ty), start_m, N_Q, stride_on,
+    _store_rows(Out + b * stride_ob + h * stride_oh, acc.to(Out.dtype.element_ty), start_m, N_Q, stride_on,
                 offs_m, offs_d, HEAD_DIM, BLOCK_D)
     rows = start_m + offs_m
     lse = (m_i + tl.math.log2(l_i)) * _LN2
@@ -153,7 +153,7 @@ def attn_fwd(
 # ---------------------------------------------------------------------------------- backward
 @triton.jit
 def attn_bwd_preprocess(
-    O, DO,                                       # (B, H, N_Q, d) views
+    Out, DO,                                     # (B, H, N_Q, d) views
     DLSE,                                        # (B*H, N_Q) gradient of the lse output, if HAS_DLSE
     DELTA,                                       # (B*H, N_Q) fp32 out: rowsum(dO * O) - dLSE
     stride_ob, stride_oh, stride_on,
@@ -164,7 +164,7 @@ def attn_bwd_preprocess(
     start_m, pid_bh, b, h = _program(N_Q, BLOCK_M, H)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + b * stride_ob + h * stride_oh, start_m, N_Q, stride_on, offs_m, offs_d,
+    o = _load_rows(Out + b * stride_ob + h * stride_oh, start_m, N_Q, stride_on, offs_m, offs_d,
                    HEAD_DIM, BLOCK_D, True)
     do = _load_rows(DO + b * stride_dob + h * stride_doh, start_m, N_Q, stride_don, offs_m, offs_d,
                     HEAD_DIM, BLOCK_D, True)

@@ -1,9 +1,12 @@
-"""Triton LayerNorm and residual-add + LayerNorm: parity, layouts, registration, dispatch.
+"""LayerNorm and residual-add + LayerNorm on every backend: parity (forward and backward),
+layouts, registration, dispatch, bad input.
 
-Runs under the Triton interpreter on CPU (conftest sets TRITON_INTERPRET=1) and on
-CUDA when there is one. Parity is judged by tests/parity.py (DESIGN.md's rule): fp32
-against the reference in fp64, fp16/bf16 against the reference in fp32 with the
-reference's own low-precision error as the yardstick.
+The parity tests run each backend that can run here (triton under the Triton interpreter on
+CPU, conftest sets TRITON_INTERPRET=1; cpp on CPU; torch) through the public API, judged by
+``fastvit_kernels.testing.check_op`` (the parity rule: fp32 against the reference in fp64,
+fp16/bf16 against the reference in fp32 with the reference's own low-precision error as the
+yardstick). Then each backend's own cases: triton's launch variants and registration, cpp's
+shapes and its rounded sum.
 """
 
 import pytest
@@ -11,8 +14,8 @@ import torch
 
 import fastvit_kernels as fk
 from fastvit_kernels import reference
+from fastvit_kernels.testing import assert_parity, check_backend, rand, upcast
 from fastvit_kernels.triton import layer_norm as tln
-from fastvit_kernels.testing import assert_parity, rand, upcast
 
 EPS = 1e-6
 
@@ -40,36 +43,27 @@ def _inputs(shape, dtype, device, *, weight=True, bias=True, layout="contiguous"
     return x, residual, w, b, dnormed, dsummed
 
 
-def _run(op, x, residual, w, b, dnormed, dsummed):
-    """Forward + backward of the public ``op`` on the current backend: its outputs and
-    the gradients of every input that takes one, by name."""
+# A condition string, evaluated only for the cpp tests that run: collecting (or running the
+# triton tests with -k "not cpp") never loads, or builds, the C++ extension.
+needs_cpp = pytest.mark.skipif("not fk.available_backends()['cpp'].available",
+                               reason="cpp backend unavailable (fk.available_backends()['cpp'].reason says why)")
+# The cpp backend runs on CPU tensors only, whatever device the other backends test on.
+BACKENDS = ["triton", pytest.param("cpp", marks=needs_cpp), "torch"]
+
+
+def _device(backend, device):
+    return torch.device("cpu") if backend == "cpp" else device
+
+
+def _check_parity(op, args, dtype, backend="triton", eps=EPS):
+    """``op`` on ``backend`` vs the reference by the parity rule, on every output and the
+    gradient of every input given (args: x, residual, weight, bias, dnormed, dsummed)."""
+    x, residual, w, b, dnormed, dsummed = args
     if op == "layer_norm":
-        outs = {"normed": fk.layer_norm(x, w, b, EPS)}
-        inputs = {"x": x, "weight": w, "bias": b}
-        grads_out = [dnormed]
+        inputs, grads_out = [x, w, b, eps], [dnormed]
     else:
-        normed, summed = fk.add_layer_norm(x, residual, w, b, EPS)
-        outs = {"normed": normed, "summed": summed}
-        inputs = {"x": x, "residual": residual, "weight": w, "bias": b}
-        grads_out = [dnormed, dsummed]
-    live = {k: v for k, v in inputs.items() if v is not None}
-    grads = torch.autograd.grad(list(outs.values()), list(live.values()), grads_out)
-    outs.update({f"d{k}": g for k, g in zip(live, grads)})
-    return outs
-
-
-def _check_parity(op, args, dtype):
-    """Triton vs reference by the parity rule, on every output and gradient."""
-    with fk.backend("triton"):
-        fast = _run(op, *args)
-    with fk.backend("torch"):
-        ref_hi = _run(op, *upcast(*args))
-        ref_lowp = _run(op, *args) if dtype not in (torch.float32, torch.float64) else {}
-    assert set(fast) == set(ref_hi)
-    for name, value in fast.items():
-        assert value.dtype == dtype, f"{name}: dtype {value.dtype}, expected {dtype}"
-        assert_parity(f"{op}.{name}", value, ref_hi[name], ref_lowp.get(name))
-    return fast
+        inputs, grads_out = [x, residual, w, b, eps], [dnormed, dsummed]
+    return check_backend(backend, op, inputs, grads_out, dtype=dtype)
 
 
 SHAPES = {
@@ -83,36 +77,120 @@ SHAPES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
-def test_parity(op, shape, dtype, device):
-    _check_parity(op, _inputs(shape, dtype, device), dtype)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity(backend, op, shape, dtype, device):
+    _check_parity(op, _inputs(shape, dtype, _device(backend, device)), dtype, backend)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "strided_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
-def test_parity_non_contiguous(op, dtype, layout, device):
-    args = _inputs((3, 50, 200), dtype, device, layout=layout)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_non_contiguous(backend, op, dtype, layout, device):
+    args = _inputs((3, 50, 200), dtype, _device(backend, device), layout=layout)
     assert not args[0].is_contiguous() and not args[4].is_contiguous()
-    _check_parity(op, args, dtype)
+    _check_parity(op, args, dtype, backend)
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
-def test_parity_bf16(op, device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_bf16(backend, op, device):
     # bf16 loads/stores upcast with .to(tl.float32) work under the interpreter too
     # (only bf16 tl.dot does not, and LayerNorm has none).
-    _check_parity(op, _inputs((3, 50, 200), torch.bfloat16, device), torch.bfloat16)
+    _check_parity(op, _inputs((3, 50, 200), torch.bfloat16, _device(backend, device)), torch.bfloat16, backend)
 
 
 @pytest.mark.parametrize("affine", ["weight_only", "bias_only", "none"])
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
-def test_parity_without_affine(op, affine, device):
-    args = _inputs((3, 50, 200), torch.float32, device,
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_without_affine(backend, op, affine, device):
+    args = _inputs((3, 50, 200), torch.float32, _device(backend, device),
                    weight=affine == "weight_only", bias=affine == "bias_only")
-    out = _check_parity(op, args, torch.float32)
-    assert ("dweight" in out) == (affine == "weight_only")
-    assert ("dbias" in out) == (affine == "bias_only")
+    out = _check_parity(op, args, torch.float32, backend)
+    # gradients come back for x (and residual) and for the one affine parameter given, if any
+    grads = [name for name in out if name.startswith("grad")]
+    assert len(grads) == (1 if op == "layer_norm" else 2) + (affine != "none"), grads
 
 
+# ------------------------------------------------------------------- the cpp backend's cases
+def _leaf(*shape, dtype=torch.float32, **kw):
+    return rand(*shape, dtype=dtype, requires_grad=True, **kw)
+
+
+def _noncontig(*shape, dtype=torch.float32, **kw):
+    """A view of the given shape whose last dimension is strided."""
+    base = rand(*shape[:-1], shape[-1] * 2, dtype=dtype, requires_grad=True, **kw)
+    return base[..., ::2]
+
+
+def _check_cpp(op, inputs, eps, dtype=torch.float32):
+    """``op`` on the cpp backend (CPU) vs the reference, upstream gradients drawn by check_op."""
+    check_backend("cpp", op, [*inputs, eps], dtype=dtype)
+
+
+ALL = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("shape", [(2, 197, 200), (1, 7, 384), (0, 197, 200)])
+def test_layer_norm_cpp(shape, dtype):
+    dim = shape[-1]
+    x = _leaf(*shape, dtype=dtype, mean=0.5, std=2.0)
+    w, b = _leaf(dim, dtype=dtype, mean=1.0), _leaf(dim, dtype=dtype)
+    _check_cpp("layer_norm", [x, w, b], 1e-5, dtype=dtype)
+
+
+@needs_cpp
+def test_layer_norm_cpp_noncontiguous_and_no_affine():
+    _check_cpp("layer_norm", [_noncontig(3, 197, 200), None, None], 1e-6)
+    _check_cpp("layer_norm", [_noncontig(1, 50, 200), _leaf(200), None], 1e-6)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("shape", [(2, 197, 200), (0, 5, 200)])
+def test_add_layer_norm_cpp(shape, dtype):
+    dim = shape[-1]
+    x, r = _leaf(*shape, dtype=dtype, std=2.0), _leaf(*shape, dtype=dtype, mean=0.3)
+    w, b = _leaf(dim, dtype=dtype, mean=1.0), _leaf(dim, dtype=dtype)
+    _check_cpp("add_layer_norm", [x, r, w, b], 1e-6, dtype=dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_layer_norm_cpp_normalizes_the_rounded_sum(dtype):
+    # In bf16/fp16 the returned sum is rounded to the dtype; the normalized output must be
+    # LayerNorm of that rounded sum (what eager computes), not of the unrounded fp32 sum.
+    shape, dim = (2, 197, 200), 200
+    # a large mean over a small spread: rounding the sum moves it by a good part of its std
+    x, r = rand(*shape, dtype=dtype, mean=100.0), rand(*shape, dtype=dtype, std=0.3)
+    w, b = rand(dim, dtype=dtype, mean=1.0), rand(dim, dtype=dtype)
+    with fk.backend("cpp"):
+        normed, summed = fk.add_layer_norm(x, r, w, b, 1e-6)
+    assert torch.equal(summed, x + r), "the sum must be x + residual rounded to the dtype"
+    ref_hi = reference.layer_norm(*upcast(summed, w, b), 1e-6)
+    ref_low = reference.layer_norm(summed, w, b, 1e-6)
+    assert_parity("add_layer_norm normed vs layer_norm(summed)", normed, ref_hi, ref_low)
+
+
+@needs_cpp
+def test_add_layer_norm_cpp_gradient_through_the_sum_only():
+    # The normalized output gets no gradient (None, not materialized): d(sum)/dx = identity.
+    x, r, w, b = _leaf(2, 9, 40), _leaf(2, 9, 40), _leaf(40, mean=1.0), _leaf(40)
+    grad = rand(2, 9, 40)
+    with fk.backend("cpp"):
+        _, summed = fk.add_layer_norm(x, r, w, b)
+        dx, dr = torch.autograd.grad(summed, (x, r), grad)
+    assert torch.equal(dx, grad) and torch.equal(dr, grad)
+
+
+@needs_cpp
+def test_add_layer_norm_cpp_noncontiguous_no_bias():
+    _check_cpp("add_layer_norm", [_noncontig(1, 197, 200), _leaf(1, 197, 200), _leaf(200), None], 1e-6)
+
+
+# ------------------------------------------------------------------ the triton backend's cases
 def test_layouts_and_launch_settings(device):
     """Row layouts (sliced, broadcast with zero stride, leading dims needing three strides)
     and the launch variants a GPU uses (one row per tile, more tiles than programs so

@@ -1,13 +1,17 @@
-"""Triton flash attention: parity, layouts, log-sum-exp, registration, dispatch, bad input.
+"""Flash attention (attention, packed_attention) on every backend: parity, layouts,
+log-sum-exp, registration, dispatch, bad input.
 
-Runs under the Triton interpreter on CPU (conftest sets TRITON_INTERPRET=1) and on CUDA
-when there is one. Parity is DESIGN.md's rule (tests/parity.py): fp32 against the
-reference in fp64, fp16/bf16 against the reference in fp32 with the reference's own
-low-precision error as the yardstick; outputs and all three input gradients.
+The parity tests run each backend that can run here (triton under the Triton interpreter on
+CPU, conftest sets TRITON_INTERPRET=1, and on CUDA when there is one; cpp on CPU; torch)
+through the public API, judged by ``fastvit_kernels.testing.check_op`` (the parity rule:
+fp32 against the reference in fp64, fp16/bf16 against the reference in fp32 with the
+reference's own low-precision error as the yardstick); outputs and all three input gradients.
 
 Layouts: ``separate`` q, k, v tensors; ``views``: q, k, v as strided views of one packed
 (B, N, 3, H, d) tensor, given to ``attention``; ``packed``: ``packed_attention`` on the
-(B, N, 3*D) tensor itself (gradient: one packed dqkv, split here into dq, dk, dv).
+(B, N, 3*D) tensor itself. For both packed layouts the tensors differentiated are the three
+(B, N, D) thirds of qkv, packed inside the op under test, so autograd splits the packed
+gradient into dq, dk, dv.
 
 The interpreter is slow, so the N=197 cases are a covering subset (every dtype, head dim
 and layout once), not the full cross product; CUDA runs a wider sweep.
@@ -18,12 +22,23 @@ import torch
 
 import fastvit_kernels as fk
 from fastvit_kernels import reference
+from fastvit_kernels.reference import split_qkv
+from fastvit_kernels.testing import FP32_RTOL, assert_parity, check_backend, check_op, on_backend, rand, upcast
 from fastvit_kernels.triton import attention as tattn
-from fastvit_kernels.testing import FP32_RTOL, assert_parity, rand, upcast
 from fastvit_kernels.triton._common import H100_SHARED_MEM
 
 ON_CUDA = torch.cuda.is_available()
 LAYOUTS = ("separate", "views", "packed")
+# A condition string, evaluated only for the cpp tests that run: collecting (or running the
+# triton tests with -k "not cpp") never loads, or builds, the C++ extension.
+needs_cpp = pytest.mark.skipif("not fk.available_backends()['cpp'].available",
+                               reason="cpp backend unavailable (fk.available_backends()['cpp'].reason says why)")
+# The cpp backend runs on CPU tensors only, whatever device the other backends test on.
+BACKENDS = ["triton", pytest.param("cpp", marks=needs_cpp), "torch"]
+
+
+def _device(backend, device):
+    return torch.device("cpu") if backend == "cpp" else device
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,7 +56,7 @@ def _single_threaded_blas():
 
 # ------------------------------------------------------------------------------ helpers
 def _leaves(layout, batch, heads, n_q, n_k, head_dim, dtype, device, q_std=1.0):
-    """Fresh random inputs (the tensors gradients are taken for), by name."""
+    """Fresh random inputs, by name."""
     if layout == "separate":
         return {"q": rand(batch, heads, n_q, head_dim, dtype=dtype, device=device, std=q_std),
                 "k": rand(batch, heads, n_k, head_dim, dtype=dtype, device=device, mean=0.2),
@@ -53,72 +68,57 @@ def _leaves(layout, batch, heads, n_q, n_k, head_dim, dtype, device, q_std=1.0):
     return {"qkv": qkv.flatten(2).to(dtype)}
 
 
-def _split(qkv, heads):
-    return qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def _forward(ops, layout, leaves, heads, scale):
+def _parts(layout, leaves):
+    """The tensors differentiated: q, k, v, or for packed layouts the (B, N, D) thirds of qkv."""
     if layout == "separate":
-        return ops.attention(leaves["q"], leaves["k"], leaves["v"], scale)
+        return [leaves["q"], leaves["k"], leaves["v"]]
+    return list(leaves["qkv"].unflatten(-1, (3, -1)).unbind(2))
+
+
+def _op(layout, heads, scale, backend=None):
+    """The op under test as a function of ``_parts`` (the reference's when no backend)."""
+    attention = on_backend("attention", backend) if backend else reference.attention
+    packed_attention = on_backend("packed_attention", backend) if backend else reference.packed_attention
+    if layout == "separate":
+        return lambda q, k, v: attention(q, k, v, scale)
+
+    def pack(q, k, v):  # (B, N, 3, H*d) -> (B, N, 3*D): the qkv Linear's layout, contiguous
+        return torch.stack([q, k, v], 2).flatten(2)
+
     if layout == "views":
-        return ops.attention(*_split(leaves["qkv"], heads), scale)
-    return ops.packed_attention(leaves["qkv"], heads, scale)
-
-
-def _run(ops, layout, leaves, heads, scale, grad_out):
-    """Output and the gradients of q, k, v (split from dqkv for packed inputs), by name."""
-    leaves = {name: t.detach().requires_grad_() for name, t in leaves.items()}
-    out = _forward(ops, layout, leaves, heads, scale)
-    grads = torch.autograd.grad(out, list(leaves.values()), grad_out)
-    if layout == "separate":
-        dq, dk, dv = grads
-    else:
-        dq, dk, dv = _split(grads[0], heads)
-    return {"out": out, "dq": dq, "dk": dk, "dv": dv}
-
-
-class _Triton:
-    """The public API pinned to the triton backend (exercises validation + dispatch)."""
-
-    @staticmethod
-    def attention(q, k, v, scale=None):
-        with fk.backend("triton"):
-            return fk.attention(q, k, v, scale)
-
-    @staticmethod
-    def packed_attention(qkv, heads, scale=None):
-        with fk.backend("triton"):
-            return fk.packed_attention(qkv, heads, scale)
+        return lambda q, k, v: attention(*split_qkv(pack(q, k, v), heads), scale)
+    return lambda q, k, v: packed_attention(pack(q, k, v), heads, scale)
 
 
 def _check_parity(layout, batch, heads, n_q, n_k, head_dim, dtype, device, scale=None, q_std=1.0,
-                  leaves=None):
+                  leaves=None, backend="triton"):
     if leaves is None:
         leaves = _leaves(layout, batch, heads, n_q, n_k, head_dim, dtype, device, q_std)
     out_shape = (batch, heads, n_q, head_dim) if layout != "packed" else (batch, n_q, heads * head_dim)
     grad_out = rand(*out_shape, dtype=dtype, device=device, std=0.5)
-    fast = _run(_Triton, layout, leaves, heads, scale, grad_out)
-    (grad_hi,) = upcast(grad_out)
-    hi = _run(reference, layout, dict(zip(leaves, upcast(*leaves.values()))), heads, scale, grad_hi)
-    lowp = None if dtype == torch.float32 else _run(reference, layout, leaves, heads, scale, grad_out)
-    for name in ("out", "dq", "dk", "dv"):
-        if n_k == 1 and name in ("dq", "dk"):
-            # One key: softmax is constant, dq = dk = 0 exactly and the parity rule (relative
-            # to max |ref| = 0) is undefined; check instead that the cancellation
-            # dp - rowsum(dO*O) leaves only fp32 rounding of the cancelled terms.
-            _check_cancelled(name, fast[name], leaves, layout, heads, grad_out, scale, head_dim)
-            continue
-        assert_parity(name, fast[name], hi[name], None if lowp is None else lowp[name])
+    fast, ref = _op(layout, heads, scale, backend), _op(layout, heads, scale)
+    parts = _parts(layout, leaves)
+    # One key: softmax is constant, dq = dk = 0 exactly and the parity rule (relative to
+    # max |ref| = 0) is undefined; those two are checked by _check_cancelled instead.
+    one_key = n_k == 1
+    inputs = [p.detach().requires_grad_(not one_key or i == 2) for i, p in enumerate(parts)]
+    results = check_op(f"{layout} attention[{backend}]", fast, ref, inputs, [grad_out])
+    assert results["out0"].dtype == dtype
+    if one_key:
+        inputs = [p.detach().requires_grad_() for p in parts]
+        dq, dk, _ = torch.autograd.grad(fast(*inputs), inputs, grad_out)
+        for name, grad in (("dq", dq), ("dk", dk)):
+            _check_cancelled(name, grad, leaves, layout, heads, grad_out, scale, head_dim)
 
 
 def _check_cancelled(name, grad, leaves, layout, heads, grad_out, scale, head_dim):
     if layout == "separate":
         q, k, v = leaves["q"], leaves["k"], leaves["v"]
     else:
-        q, k, v = _split(leaves["qkv"], heads)
+        q, k, v = split_qkv(leaves["qkv"], heads)
     if layout == "packed":
         grad_out = grad_out.unflatten(-1, (heads, -1)).transpose(1, 2)
-    scale = head_dim ** -0.5 if scale is None else scale
+    scale = reference.default_scale(head_dim) if scale is None else scale
     terms = (grad_out.double().abs() * v.double().abs()).sum(-1).max().item()  # sum |dO_d v_d|
     other = (k if name == "dq" else q).double().abs().max().item()
     bound = FP32_RTOL * scale * terms * other
@@ -143,12 +143,14 @@ def _id(case):
 
 
 @pytest.mark.parametrize("case", SMALL + N197, ids=_id)
-def test_parity(case, device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity(backend, case, device):
     dtype, n, head_dim, layout = case
     # B*H > 1 always; the batch stride is exercised at small N, where it is cheap.
     batch, heads = (2, 2) if n < 100 else ((1, 2) if layout == "separate" else (2, 1))
     scale = 0.3 if layout == "views" else None
-    _check_parity(layout, batch, heads, n, n, head_dim, dtype, device, scale=scale)
+    _check_parity(layout, batch, heads, n, n, head_dim, dtype, _device(backend, device), scale=scale,
+                  backend=backend)
 
 
 @pytest.mark.parametrize("head_dim", [96, 128, 8])
@@ -159,21 +161,24 @@ def test_parity_other_head_dims(head_dim, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda t: str(t)[6:])
 @pytest.mark.parametrize("n_q,n_k", [(1, 17), (40, 17), (17, 70), (5, 1)])
-def test_parity_different_query_and_key_counts(n_q, n_k, dtype, device):
-    _check_parity("separate", 2, 1, n_q, n_k, 64, dtype, device)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_different_query_and_key_counts(backend, n_q, n_k, dtype, device):
+    _check_parity("separate", 2, 1, n_q, n_k, 64, dtype, _device(backend, device), backend=backend)
 
 
 @pytest.mark.parametrize("layout", ["separate", "packed"])
-def test_large_logits_fp16(layout, device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_fp16(backend, layout, device):
     """Scores ~ +-100 (q scaled up): exp would overflow fp16 (max 65504 ~ e^11) if the
     scores or the softmax were kept in fp16; they are fp32 in the kernels."""
     n = 50
+    device = _device(backend, device)
     leaves = _leaves(layout, 1, 2, n, n, 64, torch.float16, device, q_std=25.0)
-    q = leaves["q"] if layout == "separate" else _split(leaves["qkv"], 2)[0]
-    k = leaves["k"] if layout == "separate" else _split(leaves["qkv"], 2)[1]
+    q = leaves["q"] if layout == "separate" else split_qkv(leaves["qkv"], 2)[0]
+    k = leaves["k"] if layout == "separate" else split_qkv(leaves["qkv"], 2)[1]
     logits = (q.float() @ k.float().transpose(-1, -2)) * 64 ** -0.5
     assert logits.abs().max() > 60, "the inputs should produce large logits"
-    _check_parity(layout, 1, 2, n, n, 64, torch.float16, device, leaves=leaves)
+    _check_parity(layout, 1, 2, n, n, 64, torch.float16, device, leaves=leaves, backend=backend)
 
 
 @pytest.mark.cuda
@@ -224,12 +229,78 @@ def test_many_heads_grid(device):
     _check_parity("separate", 4400, 16, 3, 3, 32, torch.float16, device)
 
 
+# ------------------------------------------------------------------- the cpp backend's cases
+def _leaf(*shape, dtype=torch.float32, **kw):
+    return rand(*shape, dtype=dtype, requires_grad=True, **kw)
+
+
+def _check_cpp(op, inputs, *args, dtype=torch.float32):
+    """``op`` on the cpp backend (CPU) vs the reference, upstream gradients drawn by check_op."""
+    check_backend("cpp", op, [*inputs, *args], dtype=dtype)
+
+
+ALL = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("shape", [(2, 3, 197, 32), (1, 2, 50, 80), (0, 2, 197, 64)])
+def test_attention_cpp(shape, dtype):
+    q, k, v = (_leaf(*shape, dtype=dtype) for _ in range(3))
+    _check_cpp("attention", [q, k, v], None, dtype=dtype)
+
+
+@needs_cpp
+def test_attention_cpp_strided_views_cross_and_scale():
+    qkv = rand(2, 197, 3, 3, 32, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # strided (B, H, N, d) views, as the model makes them
+    _check_cpp("attention", [q, k, v], 0.3)
+    _check_cpp("attention", [_leaf(1, 2, 20, 64), _leaf(1, 2, 197, 64), _leaf(1, 2, 197, 64)], None)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_cpp_many_keys_uses_online_softmax(dtype):
+    # more keys than one key block (1024): the running max/sum rescaling path
+    q = _leaf(1, 1, 16, 32, dtype=dtype, std=2.0)
+    k, v = _leaf(1, 1, 1100, 32, dtype=dtype, std=2.0), _leaf(1, 1, 1100, 32, dtype=dtype)
+    _check_cpp("attention", [q, k, v], None, dtype=dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("n_keys", [5, 0])
+def test_attention_cpp_head_dim_zero_fills_lse(n_keys):
+    # d == 0: every score is an empty dot product (0), so the softmax is uniform over the
+    # keys and lse = log(N_k) (-inf without keys); the output is empty.
+    q, k, v = rand(2, 3, 4, 0), rand(2, 3, n_keys, 0), rand(2, 3, n_keys, 0)
+    lse_ref = torch.logsumexp(torch.zeros(2, 3, 4, n_keys), dim=-1)
+    for _ in range(3):  # fresh allocations, so garbage in an unfilled lse would show
+        out, lse = torch.ops.fastvit.attention_fwd(q, k, v, 1.0)
+        assert out.shape == (2, 3, 4, 0)
+        assert torch.equal(lse, lse_ref), lse
+    _, lse = torch.ops.fastvit.packed_attention_fwd(rand(2, 4, 0), 3, 1.0)
+    assert torch.equal(lse, torch.full((2, 3, 4), torch.log(torch.tensor(4.0)).item())), lse
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("batch", [2, 1, 0])
+def test_packed_attention_cpp(batch, dtype):
+    _check_cpp("packed_attention", [_leaf(batch, 197, 3 * 3 * 40, dtype=dtype)], 3, dtype=dtype)
+
+
+@needs_cpp
+def test_packed_attention_cpp_noncontiguous_and_scale():
+    base = rand(1, 197, 2 * 3 * 2 * 64, requires_grad=True)
+    _check_cpp("packed_attention", [base[..., ::2]], 2, 0.2)  # the last dimension strided
+
+
 # -------------------------------------------------------------------- layouts and extras
 def test_strided_views_are_read_in_place(device):
     """The launcher works on views of a packed qkv (no copy) and writes a strided output."""
     batch, tokens, heads, head_dim = 2, 20, 2, 32
     qkv = rand(batch, tokens, 3 * heads * head_dim, device=device)
-    q, k, v = _split(qkv, heads)
+    q, k, v = split_qkv(qkv, heads)
     assert q.data_ptr() == qkv.data_ptr() and not q.is_contiguous()
     out = torch.empty(batch, tokens, heads * head_dim, device=device)
     lse = tattn.attention_forward(q, k, v, tattn._heads(out, heads), 0.25)
@@ -244,17 +315,10 @@ def test_strided_last_dim_is_copied(device):
     q = base.transpose(-1, -2)
     assert q.stride(-1) != 1
     k, v = rand(2, 2, 19, 32, device=device), rand(2, 2, 19, 32, device=device)
-    leaves = [base.requires_grad_(), k.requires_grad_(), v.requires_grad_()]
-    grad_out = rand(2, 2, 19, 32, device=device)
-
-    def run(ops, base, k, v):
-        out = ops.attention(base.transpose(-1, -2), k, v)
-        return (out, *torch.autograd.grad(out, [base, k, v], grad_out))
-
-    fast = run(_Triton, *leaves)
-    hi = run(reference, *[t.detach().double().requires_grad_() for t in leaves])
-    for name, a, b in zip(("out", "dq", "dk", "dv"), fast, hi):
-        assert_parity(name, a, b)
+    inputs = [base.requires_grad_(), k.requires_grad_(), v.requires_grad_()]
+    fast = on_backend("attention", "triton")
+    check_op("attention of a transposed q", lambda base, k, v: fast(base.transpose(-1, -2), k, v),
+             lambda base, k, v: reference.attention(base.transpose(-1, -2), k, v), inputs)
 
 
 def test_gradient_layouts(device):
@@ -324,7 +388,7 @@ def test_lse_gradient_only_when_used(device, monkeypatch):
     ref = torch.autograd.grad(torch.logsumexp((hi[0] @ hi[1].transpose(-1, -2)) * 0.3, -1), hi[:2],
                               g_lse.double())
     qkv_hi = upcast(qkv)[0]
-    qh, kh, _ = _split(qkv_hi, 2)
+    qh, kh, _ = split_qkv(qkv_hi, 2)
     (ref_packed,) = torch.autograd.grad(torch.logsumexp((qh @ kh.transpose(-1, -2)) * 0.3, -1), [qkv_hi],
                                         g_lse.double())
     assert torch.equal(fast[2], torch.zeros_like(v))  # v does not reach the lse
@@ -397,7 +461,7 @@ def test_dispatch_through_backend_triton(device):
     with fk.backend("triton"):
         assert fk.resolved_backend("packed_attention", device, qkv, 2) == "triton"
         out = fk.packed_attention(qkv, 2)
-        q, k, v = _split(qkv, 2)
+        q, k, v = split_qkv(qkv, 2)
         assert fk.resolved_backend("attention", device, q, k, v) == "triton"
         out_views = fk.attention(q, k, v)
     torch.testing.assert_close(out, tattn.packed_attention(qkv, 2), rtol=0, atol=0)
@@ -485,7 +549,7 @@ def test_bad_input_raises(device):
     """Bad input is rejected by the public API before it reaches the kernels (the triton
     module itself trusts functional.py's validation); kernel limits name the reason."""
     q = rand(1, 2, 8, 32, device=device)
-    A, P = _Triton.attention, _Triton.packed_attention
+    A, P = on_backend("attention", "triton"), on_backend("packed_attention", "triton")
     with pytest.raises(ValueError, match="k and v must have the same shape"):
         A(q, q[:, :1], q[:, :, :2])
     with pytest.raises(ValueError, match="4 dimensions"):
