@@ -19,6 +19,8 @@ and layout once), not the full cross product; CUDA runs a wider sweep.
 
 import pytest
 import torch
+from op_backends import BACKENDS, needs_cpp
+from op_backends import backend_device as _device
 
 import fastvit_kernels as fk
 from fastvit_kernels import reference
@@ -31,16 +33,6 @@ ON_CUDA = torch.cuda.is_available()
 LAYOUTS = ("separate", "views", "packed")
 # A condition string, evaluated only for the cpp tests that run: collecting (or running the
 # triton tests with -k "not cpp") never loads, or builds, the C++ extension.
-needs_cpp = pytest.mark.skipif("not fk.available_backends()['cpp'].available",
-                               reason="cpp backend unavailable (fk.available_backends()['cpp'].reason says why)")
-# The cpp backend runs on CPU tensors only, whatever device the other backends test on.
-BACKENDS = ["triton", pytest.param("cpp", marks=needs_cpp), "torch"]
-
-
-def _device(backend, device):
-    return torch.device("cpu") if backend == "cpp" else device
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _single_threaded_blas():
     """The interpreter runs fp32 tl.dot as many small numpy matmuls; a multi-threaded

@@ -11,6 +11,8 @@ shapes and its rounded sum.
 
 import pytest
 import torch
+from op_backends import BACKENDS, needs_cpp
+from op_backends import backend_device as _device
 
 import fastvit_kernels as fk
 from fastvit_kernels import reference
@@ -41,18 +43,6 @@ def _inputs(shape, dtype, device, *, weight=True, bias=True, layout="contiguous"
     b = rand(width, dtype=dtype, device=device, mean=0.3, std=0.4, requires_grad=True) if bias else None
     dnormed, dsummed = act(0.2, 1.5), act(-0.4, 0.8)
     return x, residual, w, b, dnormed, dsummed
-
-
-# A condition string, evaluated only for the cpp tests that run: collecting (or running the
-# triton tests with -k "not cpp") never loads, or builds, the C++ extension.
-needs_cpp = pytest.mark.skipif("not fk.available_backends()['cpp'].available",
-                               reason="cpp backend unavailable (fk.available_backends()['cpp'].reason says why)")
-# The cpp backend runs on CPU tensors only, whatever device the other backends test on.
-BACKENDS = ["triton", pytest.param("cpp", marks=needs_cpp), "torch"]
-
-
-def _device(backend, device):
-    return torch.device("cpu") if backend == "cpp" else device
 
 
 def _check_parity(op, args, dtype, backend="triton", eps=EPS):

@@ -13,6 +13,8 @@ import os
 
 import pytest
 import torch
+from op_backends import BACKENDS, needs_cpp
+from op_backends import backend_device as _device
 
 import fastvit_kernels as fk
 from fastvit_kernels.testing import check_backend, rand
@@ -26,16 +28,6 @@ from fastvit_kernels.triton import patch_embed as tpe  # noqa: E402
 DTYPES = [torch.float32, torch.float16]
 # A condition string, evaluated only for the cpp tests that run: collecting (or running the
 # triton tests with -k "not cpp") never loads, or builds, the C++ extension.
-needs_cpp = pytest.mark.skipif("not fk.available_backends()['cpp'].available",
-                               reason="cpp backend unavailable (fk.available_backends()['cpp'].reason says why)")
-# The cpp backend runs on CPU tensors only, whatever device the other backends test on.
-BACKENDS = ["triton", pytest.param("cpp", marks=needs_cpp), "torch"]
-
-
-def _device(backend, device):
-    return torch.device("cpu") if backend == "cpp" else device
-
-
 def _patch_inputs(batch, chans, height, width, patch, dim, dtype, device, cls=True, pos_2d=False,
                   channels_last=False, image_grad=True):
     images = rand(batch, chans, height, width, dtype=dtype, device=device)
