@@ -31,8 +31,8 @@ from fastvit_kernels.triton._common import H100_SHARED_MEM
 
 ON_CUDA = torch.cuda.is_available()
 LAYOUTS = ("separate", "views", "packed")
-# A condition string, evaluated only for the cpp tests that run: collecting (or running the
-# triton tests with -k "not cpp") never loads, or builds, the C++ extension.
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _single_threaded_blas():
     """The interpreter runs fp32 tl.dot as many small numpy matmuls; a multi-threaded

@@ -26,8 +26,8 @@ from fastvit_kernels.triton import gemm as tg  # noqa: E402
 from fastvit_kernels.triton import linear_gelu as tlg  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
-# A condition string, evaluated only for the cpp tests that run: collecting (or running the
-# triton tests with -k "not cpp") never loads, or builds, the C++ extension.
+
+
 def _linear_inputs(shape, out_features, dtype, device, bias=True):
     k = shape[-1]
     x = rand(*shape, dtype=dtype, device=device, requires_grad=True)

@@ -26,8 +26,8 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 from fastvit_kernels.triton import patch_embed as tpe  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
-# A condition string, evaluated only for the cpp tests that run: collecting (or running the
-# triton tests with -k "not cpp") never loads, or builds, the C++ extension.
+
+
 def _patch_inputs(batch, chans, height, width, patch, dim, dtype, device, cls=True, pos_2d=False,
                   channels_last=False, image_grad=True):
     images = rand(batch, chans, height, width, dtype=dtype, device=device)
