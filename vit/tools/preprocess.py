@@ -186,23 +186,33 @@ def from_hf_config(cfg: dict) -> Preprocess:
         normalize=bool(cfg.get("do_normalize", True)))
 
 
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def stored_preprocess(path) -> Preprocess | None:
+    """The recipe of the ``preprocessor_config.json`` stored with the checkpoint at ``path``
+    (a snapshot directory, or beside a weights file); None when there is none."""
+    path = Path(path)
+    config = (path if path.is_dir() else path.parent) / PREPROCESSOR_FILE
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config} is not valid JSON: {exc}") from exc
+    return from_hf_config(data)
+
+
 def for_checkpoint(path, img_hw, in_chans: int = 3) -> Preprocess:
     """The recipe stored with the checkpoint at ``path``, else the defaults for ``img_hw``
     and ``in_chans``."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    config = folder / "preprocessor_config.json"
-    if config.is_file():
-        try:
-            data = json.loads(config.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{config} is not valid JSON: {exc}") from exc
-        recipe = from_hf_config(data)
-        if recipe.channels != in_chans:
-            raise ValueError(f"{config} normalizes {recipe.channels}-channel images, the model "
-                             f"expects in_chans={in_chans}")
-        return recipe
-    return default_preprocess(img_hw, in_chans=in_chans)
+    recipe = stored_preprocess(path)
+    if recipe is None:
+        return default_preprocess(img_hw, in_chans=in_chans)
+    if recipe.channels != in_chans:
+        raise ValueError(f"the {PREPROCESSOR_FILE} of {path} normalizes {recipe.channels}-channel images, "
+                         f"the model expects in_chans={in_chans}")
+    return recipe
 
 
 def load_image(path):

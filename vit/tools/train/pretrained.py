@@ -9,7 +9,6 @@ embedding, adapted patch embedding); any other mismatch is a TrainError naming t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +17,10 @@ import torch
 from vit import weights as weights_io
 from vit.config import ViTConfig
 from vit.factory import load_checkpoint, read_config
-from vit.tools.preprocess import Preprocess, from_hf_config
+from vit.tools.preprocess import PREPROCESSOR_FILE, Preprocess, stored_preprocess
 
 from .errors import TrainError
 from .finetune import finetune_drop_path
-
-PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 @dataclass
@@ -44,13 +41,7 @@ def inspect(path) -> InitSource:
         else:  # a corrupt or truncated file fails here, with its name
             has_config = weights_io.CONFIG_METADATA_KEY in weights_io.load_metadata(path)
             config = read_config(path) if has_config else None
-        folder = path if path.is_dir() else path.parent
-        preprocess = None
-        if (folder / PREPROCESSOR_FILE).is_file():
-            try:
-                preprocess = from_hf_config(json.loads((folder / PREPROCESSOR_FILE).read_text()))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{folder / PREPROCESSOR_FILE} is not valid JSON: {exc}") from exc
+        preprocess = stored_preprocess(path)
     except (ValueError, TypeError, OSError) as exc:
         raise TrainError(f"--init {path}: {exc}") from exc
     return InitSource(path, config, preprocess)
