@@ -14,3 +14,23 @@ BACKENDS = ["triton", pytest.param("cpp", marks=needs_cpp), "torch"]
 def backend_device(backend: str, device: torch.device) -> torch.device:
     """The cpp backend runs on CPU tensors only, whatever device the other backends test on."""
     return torch.device("cpu") if backend == "cpp" else device
+
+
+def assert_compiled_matches_eager(name: str, fn, inputs, backend: str) -> torch.Tensor:
+    """``fn`` traced with ``torch.compile(fullgraph=True, backend=backend)`` computes what it
+    computes eagerly on the triton backend: the output and every input's gradient. Returns
+    the compiled output."""
+    import fastvit_kernels as fk
+
+    with fk.backend("triton"):
+        expected = fn(*inputs)
+        out = torch.compile(fn, fullgraph=True, backend=backend)(*inputs)
+    grad_out = torch.randn_like(expected)
+    ref_grads = torch.autograd.grad(expected, inputs, grad_out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    assert len(grads) == len(inputs)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, msg=lambda m: f"{name}: {m}")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        torch.testing.assert_close(g, r, msg=lambda m, i=i: f"{name} grad {i}: {m}")
+    return out
