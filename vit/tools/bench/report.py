@@ -204,6 +204,7 @@ def plot(results: dict, path: Path) -> bool:
                 ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=8)
     cond = results["conditions"]
+    ax.margins(y=0.15)  # room for the two-line labels above the tallest bar
     ax.set_xticks(range(len(rows)), [r["provider"] for r in rows])
     ax.set_ylabel("images / s, median (higher is better)")
     ax.set_xlabel("labels: median ratio vs eager (IQR of the per-round ratios; ?: too wide to rank)",

@@ -25,7 +25,7 @@ from vit.model import ViT, count_flops
 from ..progress import Progress
 from . import providers as registry
 from .parity import FP32_RTOL, check_parity, reference_outputs
-from .report import cpu_line, environment, format_table, write
+from .report import environment, format_table, write
 from .settings import Settings, make_settings
 from .timing import (
     MAX_ROUNDS,
@@ -254,8 +254,6 @@ def main(args, stdout, stderr) -> int:
           f"{settings.dtype}, {settings.device}"
           f"{f' ({torch.get_num_threads()} threads)' if settings.device.type == 'cpu' else ''}; "
           f"providers: {', '.join(settings.providers)}", file=stdout)
-    if settings.device.type == "cpu":
-        print(f"cpu: {cpu_line()}", file=stdout)
     stdout.flush()
     results = run(settings, stream=stderr)
     results["command"] = " ".join(["fastvit", *args.argv])
