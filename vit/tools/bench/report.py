@@ -137,7 +137,7 @@ def format_table(results: dict) -> str:
     head = f"{'provider':<14s} {'status':<13s} {'infer img/s':>11s} {'vs eager':>8s} {'IQR':>9s} {'rank':<8s}"
     if train:
         head += f" {'train img/s':>11s} {'vs eager':>8s} {'IQR':>9s} {'rank':<8s}"
-    head += f" {'max |diff|':>10s} {'tolerance':>10s} {'peak MiB':>9s} {'warm-up s':>9s}"
+    head += f" {'max |diff|':>10s} {'tolerance':>10s} {'peak MiB':>9s} {'setup s':>8s} {'warm-up s':>9s}"
     lines += [head, "-" * len(head)]
     notes = []
     for row in results["results"]:
@@ -158,7 +158,7 @@ def format_table(results: dict) -> str:
                      f"{_spread(spread.get('train')):>9s} {_verdict(row, 'train'):<8s}")
         diff = worst or logits
         line += (f" {_fmt(diff and diff['max_diff'], '10.2e'):>10s} {_fmt(diff and diff['tolerance'], '10.2e'):>10s}"
-                 f" {_fmt(peak, '9.0f'):>9s}"
+                 f" {_fmt(peak, '9.0f'):>9s} {_fmt(row.get('setup_s'), '8.1f'):>8s}"
                  f" {_fmt(inf and inf['warmup_s'], '9.1f'):>9s}")
         lines.append(line)
         if row["reason"]:
@@ -171,8 +171,8 @@ def format_table(results: dict) -> str:
               "IQR: their interquartile range; rank: faster/slower than eager, or 'too wide' when the IQR",
               "contains 1.00x (this run cannot rank the provider against eager);",
               f"max |diff| vs the fp32 reference (worst of logits/gradients); peak MiB: {kind};",
-              "warm-up s: untimed inference warm-up (torch.compile's compilation and the ONNX export "
-              "happen in the parity check before it)."]
+              "setup s: build + parity check (torch.compile's compilation and the ONNX export happen there);",
+              "warm-up s: the untimed inference warm-up steps after it."]
     return "\n".join(lines)
 
 

@@ -65,17 +65,18 @@ def run(settings: Settings, stream=None) -> dict:
         provider = registry.get_provider(name)
         row = {"provider": name, "description": provider.description, "status": "ok",
                "reason": "", "parity": [], "inference": None, "train": None,
-               "speedup_vs_eager": {}, "vs_eager": {}}
+               "speedup_vs_eager": {}, "vs_eager": {}, "setup_s": None}
         rows.append(row)
         reason = registry.unavailable_reason(name, device, cfg, settings.dtype)
         if reason:
             row.update(status="unavailable", reason=reason)
             stream.write(f"  {name:<14s} unavailable: {reason}\n")
             continue
-        module = None
+        module, setup_start = None, time.perf_counter()
         try:
             module = provider.build(reference)
             checks = check_parity(module, ref if provider.trains else logits_only, dtype, provider.context)
+            row["setup_s"] = time.perf_counter() - setup_start  # build + parity: compiling, exporting
         except Exception as exc:  # a provider that cannot even run is reported, not fatal
             row.update(status="error", reason=_error(exc))
             stream.write(f"  {name:<14s} error: {row['reason']}\n")
