@@ -78,9 +78,11 @@ def _case(model_name: str, batch: int, train: bool):
 def test_model(benchmark, case, provider):
     model_name, batch, mode = case
     cfg = get_config(model_name)
-    reason = registry.unavailable_reason(provider, DEVICE, cfg)
+    reason = registry.unavailable_reason(provider, DEVICE, cfg, DTYPE)
     if reason:
         pytest.skip(reason)
+    if mode == "train" and not registry.get_provider(provider).trains:
+        pytest.skip(f"{provider} runs inference only")
     if provider == "compile" and mode == "train" and SKIP_CPU_COMPILE_TRAIN:
         pytest.skip("torch.compile of a training step on CPU: ~75 s of compilation; "
                     "set FASTVIT_BENCH_FULL=1 to include it")

@@ -72,10 +72,16 @@ def test_bench_tiny_model_end_to_end(tmp_path, device):
         assert inf["img_per_s"] == pytest.approx(2 / inf["median_s"])
         logits = row["parity"][0]
         assert logits["what"] == "logits" and logits["ok"] and logits["max_diff"] <= logits["tolerance"]
-        assert row["speedup_vs_eager"]["inference"] == pytest.approx(
-            inf["img_per_s"] / rows["eager"]["inference"]["img_per_s"])
-        assert row["train"] is None
+        # vs eager: the median of the per-round ratios of the interleaved rounds
+        spread = row["vs_eager"]["inference"]
+        ratios = [e / t for e, t in zip(rows["eager"]["inference"]["times_s"], inf["times_s"])]
+        assert spread["ratios"] == pytest.approx(ratios) and spread["rounds"] == 2
+        assert row["speedup_vs_eager"]["inference"] == spread["median"]
+        assert spread["min"] <= spread["q1"] <= spread["median"] <= spread["q3"] <= spread["max"]
+        assert row["train"] is None and row["setup_s"] > 0
     assert rows["eager"]["parity"][0]["max_diff"] == 0.0
+    assert rows["eager"]["vs_eager"]["inference"]["ratios"] == [1.0, 1.0]
+    assert "interleaved" in results["conditions"]["timing"]
     cond = results["conditions"]
     assert (cond["model"], cond["img_size"], cond["batch_size"], cond["dtype"]) == \
         ("vit_tiny_patch16_224", [32, 32], 2, "fp32")
@@ -84,7 +90,9 @@ def test_bench_tiny_model_end_to_end(tmp_path, device):
     # the printed table has one line per provider, with img/s and the ratio for timed ones
     table = out[out.index("provider "):]
     eager_line = next(line for line in table.splitlines() if line.startswith("eager "))
-    assert "1.00x" in eager_line and "ok" in eager_line
+    assert "1.00x" in eager_line and "ok" in eager_line and "baseline" in eager_line
+    assert "1.00-1.00" in eager_line  # eager against itself: IQR exactly 1
+    assert "interleaved: 2 rounds" in out and "cpu: " in out and "flags:" in out
     assert "inference" in err  # the progress bars
     pytest.importorskip("matplotlib")
     assert (tmp_path / "results.png").stat().st_size > 1000
@@ -183,7 +191,8 @@ def test_settings_defaults_and_validation():
     settings = bench.make_settings(device="cpu")
     assert (settings.model, settings.dtype, settings.batch_size) == ("vit_small_patch16_224", "fp32", 8)
     assert settings.providers[0] == "eager" and "fast-triton" not in settings.providers
-    assert "compile" not in settings.providers  # not by default on CPU (see vit/tools/bench/providers.py)
+    compile_ok = registry.unavailable_reason("compile", "cpu", settings.config) is None
+    assert ("compile" in settings.providers) == compile_ok  # a default wherever it can run
     assert "compile" in registry.default_providers("cuda", settings.config)
     assert bench.make_settings(device="cpu", providers="hf").providers == ["eager", "hf"]
     with pytest.raises(ValueError, match="unknown provider 'nope'"):

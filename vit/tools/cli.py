@@ -33,8 +33,9 @@ def _bench_parser(sub) -> None:
                                        "provider that can run here; see --list-providers). "
                                        "eager, the baseline, is always measured")
     p.add_argument("--img-size", type=int, help="image side in pixels (default: the preset's)")
-    p.add_argument("--steps", type=int, help="timed steps per provider (default: about "
-                                             "4 s (CPU) / 3 s (CUDA) worth, at least 3)")
+    p.add_argument("--steps", type=int, help="interleaved rounds, each timing one step of every "
+                                             "provider in turn (default: about 20 s (CPU) / 15 s (CUDA) of rounds, "
+                                             "at least 5)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps (default: 5 on CUDA; "
                                               "on CPU 1, or 2 with --train)")
     p.add_argument("--train", action="store_true",

@@ -10,14 +10,23 @@ from .providers import (
                         unavailable_reason,
                         unregister_provider,
 )
-from .report import environment, format_table, plot, write
+from .report import cpu_line, environment, format_table, plot, write
 from .run import failed, main, run
 from .settings import CPU_BATCH, CPU_MODEL, CUDA_BATCH, CUDA_MODEL, DTYPES, Settings, make_settings
-from .timing import PeakMemory, inference_step, release_memory, sync, time_steps, train_step
+from .timing import (
+    PeakMemory,
+    inference_step,
+    ratio_spread,
+    release_memory,
+    sync,
+    time_interleaved,
+    time_steps,
+    train_step,
+)
 
 __all__ = ["CPU_BATCH", "CPU_MODEL", "CUDA_BATCH", "CUDA_MODEL", "DTYPES", "FP32_RTOL", "PeakMemory",
-           "Provider", "Reference", "Settings", "check_parity", "compare", "default_providers",
+           "Provider", "Reference", "Settings", "check_parity", "compare", "cpu_line", "default_providers",
            "environment", "failed", "format_table", "get_provider", "inference_step", "main",
-           "make_settings", "plot", "provider_names", "reference_outputs", "register_provider",
-           "release_memory", "run", "sync", "time_steps", "tolerance", "train_step", "unavailable_reason",
-           "unregister_provider", "write"]
+           "make_settings", "plot", "provider_names", "ratio_spread", "reference_outputs", "register_provider",
+           "release_memory", "run", "sync", "time_interleaved", "time_steps", "tolerance", "train_step",
+           "unavailable_reason", "unregister_provider", "write"]

@@ -110,8 +110,10 @@ def check_parity(module: torch.nn.Module, ref: Reference, dtype: torch.dtype,
     module.eval()
     # fp32 is checked with PyTorch's TF32 shortcuts off, as the reference was computed
     exact = exact_fp32 if dtype == torch.float32 else contextlib.nullcontext
-    with torch.no_grad(), exact(), context(), autocast(device, dtype):
+    # inference_mode, as the timed inference steps run: a compiled provider compiles here once
+    with torch.inference_mode(), exact(), context(), autocast(device, dtype):
         out = module(ref.images)
+    out = out.clone() if isinstance(out, torch.Tensor) else out  # an inference tensor cannot enter autograd
     checks = [compare(out, ref.logits, ref.logits_tol, "logits")]
     if ref.grads is not None and checks[0].ok:
         with exact():

@@ -3,9 +3,11 @@
 A provider turns the reference model (eval mode, on the benchmark device, fp32) into a
 module with the same weights that maps images to logits: the reference itself in eager
 PyTorch ("eager", the baseline for ratios), ``torch.compile`` of it ("compile"), Hugging
-Face transformers' ``ViTForImageClassification`` ("hf"), and the fast model ``vit.fast.ViT``
+Face transformers' ``ViTForImageClassification`` ("hf"), ONNX Runtime on an ONNX export of
+it ("onnxruntime", inference only; the ``[ort]`` extra), and the fast model ``vit.fast.ViT``
 under each kernel backend ("fast-triton", "fast-cpp", "fast-torch"; "fast" is its
-automatic dispatch). Each provider also says whether it can run here and, if not, why.
+automatic dispatch). Each provider also says whether it can run here and, if not, why
+(a provider whose package is not installed is listed as unavailable, never an error).
 
 Tests and users add their own with ``register_provider`` (a deliberately broken one
 shows that the parity check catches it).
@@ -42,6 +44,8 @@ class Provider:
     and optimizer step), e.g. ``fastvit_kernels.backend("cpp")``.
     default: part of the list ``fastvit bench`` runs when --providers is not given (a
     bool, or a predicate on the device).
+    trains: False for an inference-only provider (no gradients, no training step).
+    dtypes: the ``--dtype`` values it runs ("fp32", "bf16", "fp16"); None: all.
     """
 
     name: str
@@ -50,6 +54,8 @@ class Provider:
     unavailable: Callable[[torch.device, ViTConfig], str | None] = lambda device, config: None
     context: Callable[[], AbstractContextManager] = _no_context
     default: bool | Callable[[torch.device], bool] = True
+    trains: bool = True
+    dtypes: tuple[str, ...] | None = None
 
     def is_default(self, device: torch.device) -> bool:
         return bool(self.default(device) if callable(self.default) else self.default)
@@ -62,6 +68,7 @@ def register_provider(name: str, build: Callable[[nn.Module], nn.Module], *, des
                       unavailable: Callable[[torch.device, ViTConfig], str | None] | None = None,
                       context: Callable[[], AbstractContextManager] | None = None,
                       default: bool | Callable[[torch.device], bool] = True,
+                      trains: bool = True, dtypes: tuple[str, ...] | None = None,
                       replace: bool = False) -> Provider:
     """Add a provider (see ``Provider``); ``replace=True`` overwrites one of the same name."""
     if not isinstance(name, str) or not name or "," in name or name != name.strip():
@@ -73,7 +80,8 @@ def register_provider(name: str, build: Callable[[nn.Module], nn.Module], *, des
         raise ValueError(f"provider {name!r} is already registered; pass replace=True to overwrite it")
     provider = Provider(name, build, description,
                         unavailable or (lambda device, config: None),
-                        context or _no_context, default)
+                        context or _no_context, default, bool(trains),
+                        None if dtypes is None else tuple(dtypes))
     _REGISTRY[name] = provider
     return provider
 
@@ -94,19 +102,23 @@ def provider_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def unavailable_reason(name: str, device: torch.device, config: ViTConfig) -> str | None:
-    """None when provider ``name`` can run on ``device`` for ``config``, else why not."""
+def unavailable_reason(name: str, device: torch.device, config: ViTConfig,
+                       dtype: str | None = None) -> str | None:
+    """None when provider ``name`` can run on ``device`` for ``config`` (and ``dtype``), else why not."""
+    provider = get_provider(name)
+    if dtype is not None and provider.dtypes is not None and dtype not in provider.dtypes:
+        return f"runs {'/'.join(provider.dtypes)} only, not {dtype}"
     try:
-        return get_provider(name).unavailable(torch.device(device), config)
+        return provider.unavailable(torch.device(device), config)
     except Exception as exc:  # a provider whose check itself fails cannot run
         return f"{type(exc).__name__}: {exc}"
 
 
-def default_providers(device, config: ViTConfig) -> list[str]:
-    """The default providers that can run on ``device``, "eager" first."""
+def default_providers(device, config: ViTConfig, dtype: str | None = None) -> list[str]:
+    """The default providers that can run on ``device`` (in ``dtype``), "eager" first."""
     device = torch.device(device)
     names = [n for n, p in _REGISTRY.items()
-             if p.is_default(device) and unavailable_reason(n, device, config) is None]
+             if p.is_default(device) and unavailable_reason(n, device, config, dtype) is None]
     return sorted(names, key=lambda n: n != "eager")
 
 
@@ -125,6 +137,68 @@ def _compile_unavailable(device: torch.device, config: ViTConfig) -> str | None:
 
         if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
             return "torch.compile on CPU needs a C++ compiler (none found on PATH)"
+    return None
+
+
+def _compile_context() -> AbstractContextManager:
+    """Inductor freezing: for inference the weights become constants, prepacked for the GEMMs
+    (what a user deploying a compiled model would turn on). Training graphs are not frozen."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True)
+
+
+# ------------------------------------------------------------------------ ONNX Runtime
+class _OnnxRuntime(nn.Module):
+    """ONNX Runtime (CPU execution provider) on ``torch.onnx.export`` of a model.
+
+    Exported on the first call for each input shape (the graph has fixed shapes) into a
+    temporary directory that lives as long as this module; torch's intra-op thread count
+    is given to ONNX Runtime, so both use the same cores.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        import tempfile
+
+        self.model = model
+        self._dir = tempfile.TemporaryDirectory(prefix="fastvit-onnx-")
+        self._sessions: dict[tuple, object] = {}
+
+    def _session(self, images: torch.Tensor):
+        key = tuple(images.shape)
+        if key not in self._sessions:
+            import os
+            import warnings
+
+            import onnxruntime
+
+            path = os.path.join(self._dir.name, f"model-{'x'.join(map(str, key))}.onnx")
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(self.model.eval(), (images,), path, dynamo=True, verbose=False,
+                                  external_data=False)
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            self._sessions[key] = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return self._sessions[key]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        session = self._session(images)
+        feed = {session.get_inputs()[0].name: images.detach().float().contiguous().numpy()}
+        return torch.from_numpy(session.run(None, feed)[0])
+
+
+def _build_onnxruntime(reference: nn.Module) -> nn.Module:
+    return _OnnxRuntime(copy.deepcopy(reference).eval())
+
+
+def _onnxruntime_unavailable(device: torch.device, config: ViTConfig) -> str | None:
+    missing = [m for m in ("onnxruntime", "onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed (pip install 'fastvit-engine[ort]')"
+    if device.type != "cpu":
+        return f"measured with ONNX Runtime's CPU execution provider only, not on {device.type}"
     return None
 
 
@@ -249,12 +323,13 @@ def _backend_context(backend: str):
 
 register_provider("eager", _build_eager,
                   description="reference vit.ViT, eager PyTorch (SDPA attention): the baseline")
-# Not a default on CPU: compiling ViT-S costs ~45 CPU-seconds (cold cache, measured on the
-# 2-core dev machine), a third of `fastvit bench`'s budget, and the compiled model was no
-# faster than eager there (0.7x-1.1x). `--providers compile` or `all` measures it.
-register_provider("compile", _build_compile, unavailable=_compile_unavailable,
-                  default=lambda device: device.type == "cuda",
-                  description="torch.compile(reference), default mode")
+# On CPU compiling ViT-S costs tens of CPU-seconds on a cold cache (inductor's FX graph
+# cache makes later runs faster): the price of showing what a user would pick instead.
+register_provider("compile", _build_compile, unavailable=_compile_unavailable, context=_compile_context,
+                  description="torch.compile(reference), inductor, freezing for inference")
+register_provider("onnxruntime", _build_onnxruntime, unavailable=_onnxruntime_unavailable, trains=False,
+                  dtypes=("fp32",),
+                  description="ONNX Runtime, CPU execution provider, on torch.onnx.export(reference)")
 register_provider("hf", _build_hf, unavailable=_hf_unavailable,
                   description="transformers ViTForImageClassification (SDPA), same weights")
 for _backend in ("triton", "cpp", "torch"):

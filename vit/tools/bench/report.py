@@ -36,6 +36,38 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# the /proc/cpuinfo flags that decide which GEMM / vector kernels a CPU gets
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
+              "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return [f for f in _CPU_FLAGS if f in present]
+    except OSError:
+        pass
+    return []
+
+
+def _cpu_capability() -> str | None:
+    """What PyTorch's CPU kernels were dispatched to (e.g. AVX512), None where torch cannot say."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def cpu_line(machine: dict | None = None) -> str:
+    """One line: CPU model, its vector/matrix flags and torch's CPU capability."""
+    machine = machine or {"cpu": _cpu_name(), "cpu_flags": _cpu_flags(), "cpu_capability": _cpu_capability()}
+    return (f"{machine['cpu']}; flags: {' '.join(machine.get('cpu_flags') or []) or '-'}; "
+            f"torch CPU capability: {machine.get('cpu_capability') or '-'}")
+
+
 def _commit() -> dict | None:
     root = Path(__file__).resolve().parents[3]  # the repository
     try:
@@ -53,13 +85,14 @@ def _commit() -> dict | None:
 def environment(device: torch.device) -> dict:
     """Machine, library versions, commit and date: what a result needs to be reproduced."""
     machine = {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
-               "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+               "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+               "cpu_flags": _cpu_flags(), "cpu_capability": _cpu_capability()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         machine.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
                        cuda=torch.version.cuda)
     versions = {"torch": torch.__version__}
-    for name in ("triton", "transformers", "numpy", "fastvit-engine"):
+    for name in ("triton", "transformers", "onnxruntime", "onnx", "onnxscript", "numpy", "fastvit-engine"):
         versions[name] = _version(name)
     return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine, "versions": versions, "commit": _commit()}
@@ -67,6 +100,24 @@ def environment(device: torch.device) -> dict:
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
+
+
+def _spread(stats: dict | None) -> str:
+    if not stats:
+        return "-"
+    return f"{stats['q1']:.2f}-{stats['q3']:.2f}"
+
+
+def _verdict(row: dict, mode: str) -> str:
+    """Faster / slower than eager, or "too wide" when the rounds' ratios do not agree."""
+    stats = row.get("vs_eager", {}).get(mode)
+    if row["provider"] == "eager":
+        return "baseline" if stats else "-"
+    if not stats:
+        return "-"
+    if not stats["rankable"]:
+        return "too wide"
+    return "faster" if stats["median"] > 1 else "slower"
 
 
 def format_table(results: dict) -> str:
@@ -78,14 +129,20 @@ def format_table(results: dict) -> str:
     lines = [f"{cond['model']} {cond['img_size'][0]}x{cond['img_size'][1]}, batch {cond['batch_size']}, "
              f"{cond['dtype']}{' autocast' if cond['autocast'] else ''}, {cond['device']}: {where}; "
              f"torch {results['versions']['torch']}, triton {results['versions'].get('triton') or '-'}"]
-    head = f"{'provider':<14s} {'status':<13s} {'infer img/s':>11s} {'vs eager':>8s}"
+    if not machine.get("gpu"):
+        lines.append(f"cpu: {cpu_line(machine)}")
+    rounds = [m["steps"] for r in results["results"] for m in (r.get("inference"), r.get("train")) if m]
+    if rounds:
+        lines.append(f"interleaved: {max(rounds)} rounds, one step of every provider per round")
+    head = f"{'provider':<14s} {'status':<13s} {'infer img/s':>11s} {'vs eager':>8s} {'IQR':>9s} {'rank':<8s}"
     if train:
-        head += f" {'train img/s':>11s} {'vs eager':>8s}"
-    head += f" {'max |diff|':>10s} {'tolerance':>10s} {'peak MiB':>9s} {'warm-up s':>9s}"
+        head += f" {'train img/s':>11s} {'vs eager':>8s} {'IQR':>9s} {'rank':<8s}"
+    head += f" {'max |diff|':>10s} {'tolerance':>10s} {'peak MiB':>9s} {'setup s':>8s} {'warm-up s':>9s}"
     lines += [head, "-" * len(head)]
     notes = []
     for row in results["results"]:
         inf, trn, ratio = row.get("inference"), row.get("train"), row.get("speedup_vs_eager", {})
+        spread = row.get("vs_eager", {})
         logits = next((p for p in row["parity"] if p["what"] == "logits"), None)
         worst = max(row["parity"], key=lambda p: p["max_diff"] / p["tolerance"] if p["tolerance"] else 0,
                     default=None)
@@ -93,24 +150,29 @@ def format_table(results: dict) -> str:
                    default=None)
         line = (f"{row['provider']:<14s} {row['status']:<13s} "
                 f"{_fmt(inf and inf['img_per_s'], '11.1f', '-'):>11s} "
-                f"{_fmt(ratio.get('inference'), '7.2f') + ('x' if 'inference' in ratio else ''):>8s}")
+                f"{_fmt(ratio.get('inference'), '7.2f') + ('x' if 'inference' in ratio else ''):>8s} "
+                f"{_spread(spread.get('inference')):>9s} {_verdict(row, 'inference'):<8s}")
         if train:
             line += (f" {_fmt(trn and trn['img_per_s'], '11.1f'):>11s} "
-                     f"{_fmt(ratio.get('train'), '7.2f') + ('x' if 'train' in ratio else ''):>8s}")
+                     f"{_fmt(ratio.get('train'), '7.2f') + ('x' if 'train' in ratio else ''):>8s} "
+                     f"{_spread(spread.get('train')):>9s} {_verdict(row, 'train'):<8s}")
         diff = worst or logits
         line += (f" {_fmt(diff and diff['max_diff'], '10.2e'):>10s} {_fmt(diff and diff['tolerance'], '10.2e'):>10s}"
-                 f" {_fmt(peak, '9.0f'):>9s}"
+                 f" {_fmt(peak, '9.0f'):>9s} {_fmt(row.get('setup_s'), '8.1f'):>8s}"
                  f" {_fmt(inf and inf['warmup_s'], '9.1f'):>9s}")
         lines.append(line)
         if row["reason"]:
             notes.append(f"  {row['provider']}: {row['reason']}")
     if notes:
-        lines += ["", "not timed:"] + notes
+        lines += ["", "notes (not timed, or not in every mode):"] + notes
     kind = "peak GPU memory allocated" if cond["memory_kind"] == "cuda_allocated" \
-        else "peak process RSS growth (approximate)"
-    lines += ["", f"img/s: median step; vs eager: img/s ratio; max |diff| vs the fp32 reference "
-                  f"(worst of logits/gradients); peak MiB: {kind};",
-              "warm-up s: untimed inference warm-up (includes torch.compile's compilation)."]
+        else "peak process RSS growth over one step (approximate)"
+    lines += ["", "img/s: median step; vs eager: median of the per-round ratios (eager step time / provider's);",
+              "IQR: their interquartile range; rank: faster/slower than eager, or 'too wide' when the IQR",
+              "contains 1.00x (this run cannot rank the provider against eager);",
+              f"max |diff| vs the fp32 reference (worst of logits/gradients); peak MiB: {kind};",
+              "setup s: build + parity check (torch.compile's compilation and the ONNX export happen there);",
+              "warm-up s: the untimed inference warm-up steps after it."]
     return "\n".join(lines)
 
 
@@ -135,12 +197,18 @@ def plot(results: dict, path: Path) -> bool:
         bars = ax.bar(xs, values, width, label=mode)
         for bar, row in zip(bars, rows):
             ratio = row["speedup_vs_eager"].get(mode)
+            stats = row.get("vs_eager", {}).get(mode)
             if ratio is not None:
-                ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                label = f"{ratio:.2f}x" if not stats or row["provider"] == "eager" else \
+                    f"{ratio:.2f}x\n({stats['q1']:.2f}-{stats['q3']:.2f}{'' if stats['rankable'] else ', ?'})"
+                ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=8)
     cond = results["conditions"]
+    ax.margins(y=0.15)  # room for the two-line labels above the tallest bar
     ax.set_xticks(range(len(rows)), [r["provider"] for r in rows])
-    ax.set_ylabel("images / s (higher is better)")
+    ax.set_ylabel("images / s, median (higher is better)")
+    ax.set_xlabel("labels: median ratio vs eager (IQR of the per-round ratios; ?: too wide to rank)",
+                  fontsize=8)
     ax.set_title(f"{cond['model']} batch {cond['batch_size']} {cond['dtype']} on {cond['device']}",
                  fontsize=10)
     if len(modes) > 1:

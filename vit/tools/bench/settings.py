@@ -24,7 +24,7 @@ class Settings:
     device: torch.device
     dtype: str
     batch_size: int
-    steps: int | None  # None: chosen per provider from timing.TARGET_SECONDS
+    steps: int | None  # interleaved rounds; None: chosen from timing.ROUND_TARGET_SECONDS
     warmup: int
     train: bool
     providers: list[str]
@@ -67,7 +67,7 @@ def make_settings(*, model: str | None = None, device: str | None = None, dtype:
     if isinstance(providers, str):
         providers = [p.strip() for p in providers.split(",") if p.strip()]
     if providers is None:
-        providers = registry.default_providers(dev, config)
+        providers = registry.default_providers(dev, config, dtype)
     else:
         for name in providers:
             registry.get_provider(name)  # raises for unknown names, listing the known ones

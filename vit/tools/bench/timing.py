@@ -17,6 +17,10 @@ from ..progress import Progress
 # steps): enough for a stable median, and bounded when the machine is slow or busy.
 TARGET_SECONDS = {"cpu": 4.0, "cuda": 3.0}
 MIN_STEPS, MAX_STEPS = 3, 200
+# fastvit bench's interleaved rounds (one step of every provider each), --steps not given:
+# about this many seconds for all providers together, MIN_ROUNDS..MAX_ROUNDS rounds.
+ROUND_TARGET_SECONDS = {"cpu": 20.0, "cuda": 15.0}
+MIN_ROUNDS, MAX_ROUNDS = 5, 200
 
 
 def sync(device=None) -> None:
@@ -180,41 +184,69 @@ def time_steps(step, device: torch.device, *, warmup: int, steps: int | None, la
 
 
 def time_interleaved(fns: dict, device: torch.device, *, rounds: int, warmup: int = 2,
-                     min_round_s: float = 1e-3) -> dict[str, list[float]]:
+                     min_round_s: float = 1e-3, reps: int | None = None,
+                     on_round=None) -> dict[str, list[float]]:
     """Seconds per call of each of ``fns`` (name -> no-argument callable), A B A B interleaved.
 
     Warm-up calls (compilation, autotuning) come first and are not timed. Each round times
     every function once, over ``reps`` back-to-back calls (CUDA events on a GPU, the host
     clock after a synchronize on CPU), reps chosen from the warm-up so that a round lasts at
-    least ``min_round_s`` (launch overhead and timer resolution stay small). Interleaving
-    spreads clock and thermal drift over all functions instead of handing it to one.
+    least ``min_round_s`` (launch overhead and timer resolution stay small), unless ``reps``
+    is given (then there is no calibration call: ``fastvit bench`` warms up on its own and
+    times one step per round). ``on_round()`` is called after every round (progress).
+    Interleaving spreads clock and thermal drift over all functions instead of handing it to one.
     """
     on_cuda = device.type == "cuda"
-    reps = {}
+    counts = {}
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
         sync(device)
+        if reps is not None:
+            counts[name] = reps
+            continue
         start = time.perf_counter()
         fn()
         sync(device)
-        reps[name] = max(1, min(100, int(min_round_s / max(time.perf_counter() - start, 1e-7))))
+        counts[name] = max(1, min(100, int(min_round_s / max(time.perf_counter() - start, 1e-7))))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             if on_cuda:
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 begin.record()
-                for _ in range(reps[name]):
+                for _ in range(counts[name]):
                     fn()
                 end.record()
                 end.synchronize()
-                times[name].append(begin.elapsed_time(end) / 1e3 / reps[name])
+                times[name].append(begin.elapsed_time(end) / 1e3 / counts[name])
             else:
                 sync(device)
                 start = time.perf_counter()
-                for _ in range(reps[name]):
+                for _ in range(counts[name]):
                     fn()
                 sync(device)
-                times[name].append((time.perf_counter() - start) / reps[name])
+                times[name].append((time.perf_counter() - start) / counts[name])
+        if on_round is not None:
+            on_round()
     return times
+
+
+def ratio_spread(base_s: list[float], times_s: list[float]) -> dict:
+    """Per-round speed ratios base time / provider time (>1: faster than the base), summarized.
+
+    Both lists come from the same interleaved rounds, so round i of one is paired with round
+    i of the other and the machine's drift cancels within a pair. Returns the median, min,
+    max and quartiles (q1, q3) of the ratios, and ``rankable``: False when the interquartile
+    range contains 1.0, i.e. the rounds do not agree on which of the two is faster.
+    """
+    if len(base_s) != len(times_s) or not base_s:
+        raise ValueError(f"need the same non-zero number of rounds, got {len(base_s)} and {len(times_s)}")
+    ratios = [b / t for b, t in zip(base_s, times_s)]
+    if len(ratios) > 1:
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    else:
+        q1 = q3 = ratios[0]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "q1": q1, "q3": q3, "rounds": len(ratios), "rankable": not (q1 <= 1.0 <= q3),
+            "ratios": ratios}
