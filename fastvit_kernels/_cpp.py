@@ -198,7 +198,7 @@ def _needs_grad(x, weight, bias) -> bool:
                                         or (bias is not None and bias.requires_grad))
 
 
-def patch_embed(images, weight, bias, pos_embed, cls_token=None):
+def patch_embed(images, weight, bias, pos_embed, cls_token=None, reg_tokens=None):
     return torch.ops.fastvit.patch_embed(images, weight, bias, pos_embed, cls_token)
 
 
@@ -206,7 +206,7 @@ def layer_norm(x, weight, bias, eps=1e-6):
     return torch.ops.fastvit.layer_norm_fwd(x, weight, bias, eps)[0]
 
 
-def add_layer_norm(x, residual, weight, bias, eps=1e-6):
+def add_layer_norm(x, residual, weight, bias, eps=1e-6, gamma=None):
     out, summed, _, _ = torch.ops.fastvit.add_layer_norm_fwd(x, residual, weight, bias, eps)
     return out, summed
 
@@ -228,6 +228,25 @@ def packed_attention(qkv, num_heads, scale=None):
 
 
 _PUBLIC = {name: globals()[name] for name in reference.OPS}  # every op, by the functions above
+
+
+# TODO(issue 18): the C++ ops do not take these arguments yet; auto falls back to torch.
+def _patch_embed_unsupported(images, weight, bias, pos_embed, cls_token=None, reg_tokens=None):
+    if reg_tokens is not None:
+        return "register tokens are not implemented yet"
+    grid = (images.shape[-2] // weight.shape[-1]) * (images.shape[-1] // weight.shape[-1])
+    if cls_token is not None and pos_embed.shape[-2] == grid:
+        return "a class token without position (no_embed_class) is not implemented yet"
+    return None
+
+
+SUPPORTS = {
+    "patch_embed": _patch_embed_unsupported,
+    "add_layer_norm": lambda x, residual, weight, bias, eps=1e-6, gamma=None: (
+        "LayerScale (gamma) is not implemented yet" if gamma is not None else None),
+    "linear_gelu": lambda x, weight, bias, approximate="none": (
+        "QuickGELU is not implemented yet" if approximate == "quick" else None),
+}
 
 OPS: dict = {}
 UNAVAILABLE_REASON = ""

@@ -15,7 +15,7 @@ from torch.amp.autocast_mode import is_autocast_available
 from . import _dispatch
 from .reference import default_scale
 
-_GELU_APPROXIMATIONS = ("none", "tanh")
+_GELU_APPROXIMATIONS = ("none", "tanh", "quick")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -98,18 +98,22 @@ def _run(op: str, device: torch.device, autocast_dtype, *args):
 
 
 # --------------------------------------------------------------------------------- ops
-def patch_embed(images, weight, bias, pos_embed, cls_token=None):
-    """Patchify + project (a stride-P Conv2d), prepend ``cls_token``, add ``pos_embed``.
+def patch_embed(images, weight, bias, pos_embed, cls_token=None, reg_tokens=None):
+    """Patchify + project (a stride-P Conv2d), prepend the prefix tokens, add ``pos_embed``.
 
     Args:
         images: (B, C, H, W), NCHW or channels-last; H and W multiples of P.
         weight: the Conv2d weight, (D, C, P, P).
         bias: (D,) or None.
-        pos_embed: (1, T, D) or (T, D) with T = (H/P) * (W/P), plus 1 with a class token.
+        pos_embed: (1, T, D) or (T, D). T = (H/P) * (W/P) + n_prefix when the prefix tokens
+            have a position (timm's default), or just (H/P) * (W/P) when they have none
+            (timm's ``no_embed_class``: DINOv2 with registers, DeiT-III).
         cls_token: (1, 1, D), or None for no class token.
+        reg_tokens: (1, R, D) register (or DeiT distillation) tokens, placed after the
+            class token; or None.
 
     Returns:
-        (B, T, D) tokens.
+        (B, n_prefix + (H/P) * (W/P), D) tokens, n_prefix = (class token) + R.
     """
     _check_tensor("images", images, 4)
     _check_tensor("weight", weight, 4)
@@ -128,18 +132,27 @@ def patch_embed(images, weight, bias, pos_embed, cls_token=None):
         _check_tensor("cls_token", cls_token)
         if tuple(cls_token.shape) != (1, 1, dim):
             raise ValueError(f"cls_token must have shape (1, 1, {dim}), got {tuple(cls_token.shape)}")
-    tokens = (height // ph) * (width // ph) + (cls_token is not None)
-    if pos_embed.shape[-2:] != (tokens, dim) or pos_embed.numel() != tokens * dim:
-        extra = " (grid + 1 class token)" if cls_token is not None else ""
-        raise ValueError(f"pos_embed must have shape (1, {tokens}, {dim}) for a {height}x{width} "
-                         f"image with patch {ph}{extra}, got {tuple(pos_embed.shape)}")
+    if reg_tokens is not None:
+        _check_tensor("reg_tokens", reg_tokens, 3)
+        if reg_tokens.shape[0] != 1 or reg_tokens.shape[2] != dim or reg_tokens.shape[1] == 0:
+            raise ValueError(f"reg_tokens must have shape (1, R, {dim}) with R >= 1, got {tuple(reg_tokens.shape)}")
+    grid = (height // ph) * (width // ph)
+    prefix = (cls_token is not None) + (0 if reg_tokens is None else reg_tokens.shape[1])
+    rows = pos_embed.shape[-2]
+    if pos_embed.shape[-1] != dim or rows not in (grid, grid + prefix) or pos_embed.numel() != rows * dim:
+        extra = f" ({grid} patches + {prefix} prefix tokens, or the patches only)" if prefix else ""
+        want = f"(1, {grid + prefix}, {dim}) or (1, {grid}, {dim})" if prefix else f"(1, {grid}, {dim})"
+        raise ValueError(f"pos_embed must have shape {want} for a {height}x{width} image with patch "
+                         f"{ph}{extra}, got {tuple(pos_embed.shape)}")
     device = images.device
     cast = _autocast_dtype(device)
     if cast is not None:
-        images, weight, bias, pos_embed, cls_token = _cast(cast, images, weight, bias, pos_embed, cls_token)
-    _check_same("images", images, "weight", weight, "bias", bias, "pos_embed", pos_embed, "cls_token", cls_token)
+        images, weight, bias, pos_embed, cls_token, reg_tokens = _cast(
+            cast, images, weight, bias, pos_embed, cls_token, reg_tokens)
+    _check_same("images", images, "weight", weight, "bias", bias, "pos_embed", pos_embed, "cls_token", cls_token,
+                "reg_tokens", reg_tokens)
     return _run("patch_embed", device, cast, images, weight, _contiguous(bias), _contiguous(pos_embed),
-                _contiguous(cls_token))
+                _contiguous(cls_token), _contiguous(reg_tokens))
 
 
 def _check_norm_args(x, weight, bias, eps) -> None:
@@ -164,22 +177,29 @@ def layer_norm(x, weight, bias, eps: float = 1e-6):
     return _run("layer_norm", device, cast, x, _contiguous(weight), _contiguous(bias), float(eps))
 
 
-def add_layer_norm(x, residual, weight, bias, eps: float = 1e-6):
-    """Returns ``(layer_norm(x + residual), x + residual)`` in one pass."""
+def add_layer_norm(x, residual, weight, bias, eps: float = 1e-6, gamma=None):
+    """Returns ``(layer_norm(residual + gamma * x), residual + gamma * x)`` in one pass.
+
+    ``x`` is a residual branch's output, ``gamma`` (D,) its LayerScale (timm's ``ls1`` /
+    ``ls2``; DINOv2, DeiT-III), or None for none.
+    """
     _check_norm_args(x, weight, bias, eps)
     _check_tensor("residual", residual)
     if residual.shape != x.shape:
         raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+    _check_optional("gamma", gamma, (x.shape[-1],))
     device = x.device
     cast = _autocast_dtype(device)
     if cast is not None:
-        x, residual, weight, bias = _cast(torch.result_type(x, residual), x, residual, weight, bias)
-    _check_same("x", x, "residual", residual, "weight", weight, "bias", bias)
-    return _run("add_layer_norm", device, cast, x, residual, _contiguous(weight), _contiguous(bias), float(eps))
+        x, residual, weight, bias, gamma = _cast(torch.result_type(x, residual), x, residual, weight, bias, gamma)
+    _check_same("x", x, "residual", residual, "weight", weight, "bias", bias, "gamma", gamma)
+    return _run("add_layer_norm", device, cast, x, residual, _contiguous(weight), _contiguous(bias), float(eps),
+                _contiguous(gamma))
 
 
 def linear_gelu(x, weight, bias, approximate: str = "none"):
-    """``GELU(x @ weight.T + bias)``; exact erf GELU unless ``approximate="tanh"``."""
+    """``GELU(x @ weight.T + bias)``: exact erf GELU (``approximate="none"``), its tanh
+    approximation (``"tanh"``, SigLIP), or QuickGELU ``h * sigmoid(1.702 h)`` (``"quick"``, CLIP)."""
     _check_tensor("x", x)
     _check_tensor("weight", weight, 2)
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:

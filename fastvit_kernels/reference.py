@@ -10,31 +10,43 @@ import torch
 import torch.nn.functional as F
 
 
-def patch_embed(images, weight, bias, pos_embed, cls_token=None):
-    """Conv2d patchify + projection, prepend the class token, add the position embedding.
+def patch_embed(images, weight, bias, pos_embed, cls_token=None, reg_tokens=None):
+    """Conv2d patchify + projection, prepend the prefix tokens, add the position embedding.
 
-    images (B, C, H, W); weight (D, C, P, P); bias (D,) or None; pos_embed (1, T, D)
-    with T = (H/P)*(W/P) (+1 with a class token); cls_token (1, 1, D) or None.
+    images (B, C, H, W); weight (D, C, P, P); bias (D,) or None; cls_token (1, 1, D) or
+    None; reg_tokens (1, R, D) or None (register tokens, after the class token). pos_embed
+    (1, T, D) covers the patch grid, T = (H/P)*(W/P), and either all prefix tokens too
+    (T + n_prefix rows, first) or none of them (T rows: timm's ``no_embed_class``).
     """
     patch = weight.shape[-1]
     x = F.conv2d(images, weight, bias, stride=patch).flatten(2).transpose(1, 2)
-    if cls_token is not None:
-        x = torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-    return x + pos_embed.reshape(1, x.shape[1], x.shape[2])
+    prefix = [t.expand(x.shape[0], -1, -1) for t in (cls_token, reg_tokens) if t is not None]
+    pos = pos_embed.reshape(1, -1, x.shape[2])
+    if pos.shape[1] == x.shape[1]:  # the grid only: prefix tokens get no position
+        return torch.cat([*prefix, x + pos], dim=1)
+    return torch.cat([*prefix, x], dim=1) + pos
 
 
 def layer_norm(x, weight, bias, eps=1e-6):
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
-def add_layer_norm(x, residual, weight, bias, eps=1e-6):
-    """(layer_norm(x + residual), x + residual)."""
-    summed = x + residual
+def add_layer_norm(x, residual, weight, bias, eps=1e-6, gamma=None):
+    """(layer_norm(residual + gamma * x), residual + gamma * x); gamma (D,) is LayerScale."""
+    summed = residual + (x if gamma is None else x * gamma)
     return layer_norm(summed, weight, bias, eps), summed
 
 
+def gelu(x, approximate="none"):
+    """GELU: exact erf ("none"), tanh approximation ("tanh"), or CLIP's QuickGELU
+    x * sigmoid(1.702 x) ("quick")."""
+    if approximate == "quick":
+        return x * torch.sigmoid(1.702 * x)
+    return F.gelu(x, approximate=approximate)
+
+
 def linear_gelu(x, weight, bias, approximate="none"):
-    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+    return gelu(F.linear(x, weight, bias), approximate)
 
 
 def split_qkv(qkv, num_heads: int):

@@ -393,7 +393,7 @@ def layer_norm(x, weight, bias, eps: float = 1e-6):
     return torch.ops.fastvit_triton.layer_norm(x, weight, bias, eps)[0]
 
 
-def add_layer_norm(x, residual, weight, bias, eps: float = 1e-6):
+def add_layer_norm(x, residual, weight, bias, eps: float = 1e-6, gamma=None):
     """``(layer_norm(x + residual), x + residual)`` in one pass over the rows."""
     normed, summed, _, _ = torch.ops.fastvit_triton.add_layer_norm(x, residual, weight, bias, eps)
     return normed, summed
@@ -412,4 +412,10 @@ def _unsupported(x=None, *_args, **_kwargs) -> Optional[str]:
     return None
 
 
-SUPPORTS = {"layer_norm": _unsupported, "add_layer_norm": _unsupported}
+def _add_unsupported(x=None, residual=None, weight=None, bias=None, eps=None, gamma=None) -> Optional[str]:
+    if gamma is not None:
+        return "LayerScale (gamma) is not implemented yet"  # TODO(issue 18)
+    return _unsupported(x)
+
+
+SUPPORTS = {"layer_norm": _unsupported, "add_layer_norm": _add_unsupported}

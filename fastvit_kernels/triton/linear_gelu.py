@@ -162,4 +162,10 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None, approximate: str
     return torch.ops.fastvit_triton.linear_gelu(x, weight, bias, approximate)
 
 
-SUPPORTS = {"linear_gelu": dot_op_unsupported}
+def _unsupported(x=None, weight=None, bias=None, approximate="none") -> str | None:
+    if approximate == "quick":
+        return "QuickGELU is not implemented yet"  # TODO(issue 18)
+    return dot_op_unsupported(x, weight, bias, approximate)
+
+
+SUPPORTS = {"linear_gelu": _unsupported}

@@ -148,9 +148,18 @@ _patch_embed_op.register_autograd(_backward, setup_context=_setup)
 
 
 def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: Tensor,
-                cls_token: Tensor | None = None) -> Tensor:
+                cls_token: Tensor | None = None, reg_tokens: Tensor | None = None) -> Tensor:
     """Conv2d patchify + projection, class token prepended, position embedding added."""
     return torch.ops.fastvit_triton.patch_embed(images, weight, bias, pos_embed, cls_token)
 
 
-SUPPORTS = {"patch_embed": dot_op_unsupported}
+def _unsupported(images=None, weight=None, bias=None, pos_embed=None, cls_token=None, reg_tokens=None):
+    if reg_tokens is not None:
+        return "register tokens are not implemented yet"  # TODO(issue 18)
+    if cls_token is not None and pos_embed is not None and pos_embed.shape[-2] != (
+            (images.shape[-2] // weight.shape[-1]) * (images.shape[-1] // weight.shape[-1]) + 1):
+        return "a class token without position (no_embed_class) is not implemented yet"  # TODO(issue 18)
+    return dot_op_unsupported(images, weight, bias, pos_embed, cls_token)
+
+
+SUPPORTS = {"patch_embed": _unsupported}

@@ -171,9 +171,18 @@ def test_ops_are_differentiable_on_torch_backend():
      "not divisible by the patch size 16"),
     (lambda: fk.patch_embed(torch.randn(1, 1, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 5, 8)),
      "1 channels"),
-    (lambda: fk.patch_embed(torch.randn(1, 3, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 4, 8),
+    (lambda: fk.patch_embed(torch.randn(1, 3, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 3, 8),
                             torch.randn(1, 1, 8)),
-     r"pos_embed must have shape \(1, 5, 8\)"),
+     r"pos_embed must have shape \(1, 5, 8\) or \(1, 4, 8\) .*got \(1, 3, 8\)"),
+    (lambda: fk.patch_embed(torch.randn(1, 3, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 4, 8),
+                            None, torch.randn(1, 2, 4)),
+     r"reg_tokens must have shape \(1, R, 8\) with R >= 1, got \(1, 2, 4\)"),
+    (lambda: fk.patch_embed(torch.randn(1, 3, 32, 32), torch.randn(8, 3, 16, 16), None, torch.randn(1, 5, 8)),
+     r"pos_embed must have shape \(1, 4, 8\) for a 32x32 image with patch 16, got \(1, 5, 8\)"),
+    (lambda: fk.add_layer_norm(torch.randn(2, 3), torch.randn(2, 3), None, None, 1e-6, torch.randn(2)),
+     r"gamma must have shape \(3,\), got \(2,\)"),
+    (lambda: fk.linear_gelu(torch.randn(2, 3), torch.randn(4, 3), None, "quick_gelu"),
+     r"approximate must be one of \('none', 'tanh', 'quick'\), got 'quick_gelu'"),
 ])
 def test_bad_input_messages(call, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -102,6 +102,27 @@ def test_parity_without_affine(backend, op, affine, device):
     assert len(grads) == (1 if op == "layer_norm" else 2) + (affine != "none"), grads
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 197, 200), (1, 1, 192), (0, 64)], ids=["rows", "one_row", "no_rows"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_layer_scale(backend, shape, dtype, device):
+    """add_layer_norm with LayerScale: residual + gamma * x, gamma's gradient included."""
+    x, residual, w, b, dnormed, dsummed = _inputs(shape, dtype, _device(backend, device))
+    # far from 1 (DINOv2 trains it from 1e-5 to values of both signs), so a dropped gamma fails
+    gamma = rand(shape[-1], dtype=dtype, device=x.device, mean=0.2, std=0.6, requires_grad=True)
+    out = check_backend(backend, "add_layer_norm", [x, residual, w, b, EPS, gamma], [dnormed, dsummed],
+                        dtype=dtype)
+    assert len([name for name in out if name.startswith("grad")]) == 5  # x, residual, w, b, gamma
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_layer_scale_non_contiguous_without_affine(backend, device):
+    x, residual, _, _, dnormed, dsummed = _inputs((3, 50, 200), torch.float32, _device(backend, device),
+                                                 layout="transposed")
+    gamma = rand(200, device=x.device, mean=-0.5, requires_grad=True)
+    check_backend(backend, "add_layer_norm", [x, residual, None, None, EPS, gamma], [dnormed, dsummed])
+
+
 # ------------------------------------------------------------------- the cpp backend's cases
 def _leaf(*shape, dtype=torch.float32, **kw):
     return rand(*shape, dtype=dtype, requires_grad=True, **kw)

@@ -54,6 +54,16 @@ def test_linear_gelu_small(backend, dtype, approximate, bias, device):
     check_backend(backend, "linear_gelu", inputs, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype,shape,bias", [(torch.float32, (2, 197, 588), True),
+                                              (torch.float16, (3, 7, 40), False)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_quick_gelu(backend, dtype, shape, bias, device):
+    """CLIP's QuickGELU, h * sigmoid(1.702 h), as the fused activation, forward and backward."""
+    inputs = [*_linear_inputs(shape, 200 if shape[-1] == 588 else 24, dtype, _device(backend, device),
+                              bias=bias), "quick"]
+    check_backend(backend, "linear_gelu", inputs, dtype=dtype)
+
+
 # ---------------------------------------------------------------- the triton backend's cases
 def test_linear_gelu_strided_input_and_expanded_grad(device):
     """A transposed x view and the stride-0 gradient of .sum() go in without copies."""

@@ -54,6 +54,29 @@ def test_patch_embed_k588(backend, dtype, device):
     check_backend(backend, "patch_embed", inputs, dtype=dtype)
 
 
+PREFIX_CASES = {  # name: (class token, register tokens, prefix tokens have a position)
+    "cls_reg4_no_embed_class": (True, 4, False),   # DINOv2 with registers
+    "cls_no_embed_class": (True, 0, False),        # DeiT-III
+    "cls_dist_embedded": (True, 1, True),          # DeiT distilled: class + distillation token
+    "reg_only_embedded": (False, 2, True),
+}
+
+
+@pytest.mark.parametrize("case", list(PREFIX_CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patch_embed_prefix_tokens(backend, dtype, case, device):
+    """Class and register tokens, with or without their own position embedding."""
+    cls, regs, embedded = PREFIX_CASES[case]
+    dev = _device(backend, device)
+    images, weight, bias, _, cls_token = _patch_inputs(2, 3, 32, 48, 16, 24, dtype, dev, cls=cls)
+    rows = 2 * 3 + (cls + regs if embedded else 0)
+    pos = rand(1, rows, 24, dtype=dtype, device=dev, std=0.5, requires_grad=True)
+    reg = rand(1, regs, 24, dtype=dtype, device=dev, requires_grad=True) if regs else None
+    out = check_backend(backend, "patch_embed", [images, weight, bias, pos, cls_token, reg], dtype=dtype)
+    assert out["out0"].shape == (2, cls + regs + 6, 24)
+
+
 def test_patch14_weight_rows_get_an_aligned_stride(device):
     """K = 588 rows are copied to a stride of 592 (a multiple of 16, so that the
     compiler can vectorise their loads); K = 768 rows are used in place."""
