@@ -56,10 +56,19 @@ def _median(bench: dict) -> float:
     return stats.get("median", stats["mean"])
 
 
+def _interleaved(bench: dict) -> dict | None:
+    """Per-provider figures of a benchmark that timed its providers interleaved (the model
+    benchmarks: one benchmark per case, ``extra_info["interleaved"]``), else None."""
+    return (bench.get("extra_info") or {}).get("interleaved")
+
+
 def groups(data: dict) -> dict[str, list[dict]]:
-    """Benchmarks by group, the baseline first, then fastest first; each with 'speedup'."""
+    """Benchmarks by group, the baseline first, then fastest first; each with 'speedup'.
+    Interleaved benchmarks are left out (``render_interleaved`` reports them)."""
     out: dict[str, list[dict]] = {}
     for bench in data["benchmarks"]:
+        if _interleaved(bench) is not None:
+            continue
         out.setdefault(bench.get("group") or bench.get("name", "?"), []).append(dict(bench))
     for rows in out.values():
         base = next((b for b in rows if _provider(b) == BASELINE), None)
@@ -103,11 +112,46 @@ def _conditions(data: dict) -> list[str]:
     return lines
 
 
+def _ratio(stats: dict | None, name: str) -> str:
+    if name == BASELINE:
+        return "baseline"
+    if not stats:
+        return "-"
+    verdict = "" if stats["rankable"] else " (too wide)"
+    return f"{stats['median']:.2f}x [{stats['q1']:.2f}-{stats['q3']:.2f}]{verdict}"
+
+
+def render_interleaved(data: dict) -> list[str]:
+    """Markdown sections of the interleaved benchmarks: per case, one row per provider."""
+    lines = []
+    for bench in data["benchmarks"]:
+        rows, extra = _interleaved(bench), bench.get("extra_info") or {}
+        if rows is None:
+            continue
+        flags = " ".join(extra.get("cpu_flags") or []) or "-"
+        where = f"{extra.get('threads', '?')} threads; CPU flags: {flags}; peak memory: {extra.get('memory_kind')}"
+        lines += ["", f"## {bench.get('group') or bench.get('name')} (interleaved)", "", where, "",
+                  "| provider | img/s | TFLOP/s | vs eager: median [q1-q3] | rounds | peak MiB | max abs diff "
+                  "| status |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for name, row in rows.items():
+            status = row["status"] + (f": {row['reason']}" if row.get("reason") else "")
+            lines.append(f"| {name} | {_fmt(row.get('img_per_s'), '{:.1f}')} | {_fmt(row.get('tflops'), '{:.3g}')} | "
+                         f"{_ratio(row.get('vs_eager'), name)} | {row.get('rounds') or '-'} | "
+                         f"{_fmt(row.get('peak_mem_mb'), '{:.0f}')} | {_fmt(row.get('parity_max_diff'), '{:.2e}')} | "
+                         f"{status} |")
+        for name, reason in (extra.get("left_out") or {}).items():
+            lines.append(f"| {name} | - | - | - | - | - | - | left out: {reason} |")
+    return lines
+
+
 def render(data: dict) -> str:
     """The markdown report of a loaded pytest-benchmark JSON document."""
     by_group = groups(data)
-    if not by_group:
+    interleaved = render_interleaved(data)
+    if not by_group and not interleaved:
         return "# Benchmark report\n\nNo benchmarks in this file (were they all skipped?).\n"
+    if not by_group:
+        return "\n".join(["# Benchmark report", "", *_conditions(data), *_INTERLEAVED_NOTE, *interleaved]) + "\n"
     providers = []
     for rows in by_group.values():
         for bench in rows:
@@ -138,7 +182,16 @@ def render(data: dict) -> str:
                      _speedup(bench["speedup"])]
             cells += [_fmt(extra.get(k), FIGURES[k][1]) for k in figures]
             lines.append("| " + " | ".join(cells) + " |")
+    if interleaved:
+        lines += [*_INTERLEAVED_NOTE, *interleaved]
     return "\n".join(lines) + "\n"
+
+
+_INTERLEAVED_NOTE = ["", "# Interleaved benchmarks", "",
+                     "Each round times one step of every provider in turn; img/s from the median step; "
+                     "vs eager: the median of the per-round ratios (eager step time / provider step time) "
+                     "and their quartiles; \"too wide\" when the quartiles contain 1 (the rounds do not "
+                     "agree which is faster)."]
 
 
 def main(argv: list[str] | None = None) -> int:

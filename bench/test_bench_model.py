@@ -1,37 +1,41 @@
-"""End-to-end ViT: inference and training-step images/s and peak memory, per provider.
+"""End-to-end ViT: inference and training-step images/s per provider, timed interleaved.
 
-Providers (``vit.tools.bench.providers``, the same ones ``fastvit bench`` runs): ``eager`` (the
-reference ``vit.ViT`` in eager PyTorch with SDPA attention: the baseline), ``compile``
-(``torch.compile`` of it), ``hf`` (transformers' ViTForImageClassification with the same
-weights), and the fast model under each kernel backend that runs on this device
-(``fast-triton`` on CUDA, ``fast-cpp`` on CPU, ``fast-torch``).
+One benchmark per case (model, batch, inference or training step) runs the job of
+``fastvit bench`` (``vit.tools.bench.run``) on every provider available here: ``eager``
+(the reference ``vit.ViT`` in eager PyTorch with SDPA: the baseline), ``compile``
+(``torch.compile``, inductor freezing for inference on CPU), ``hf`` (transformers),
+``onnxruntime`` (CPU, with the ``[ort]`` extra) and the fast model under each kernel backend
+that runs on this device (``fast-triton`` on CUDA, ``fast-cpp`` on CPU, ``fast-torch``).
 
 Every provider's logits (and for training its gradients) are checked against the fp32
-reference first, by the parity rule of ``vit.tools.bench``; a provider that fails is reported
-as a failed test and never timed. Warm-up steps (compilation, autotuning, AdamW state)
-run before the measurement; ``benchutil.measure`` synchronizes CUDA.
+reference first, by the parity rule of ``vit.tools.bench``; one that fails is reported and
+never timed, and the benchmark fails. The others are warmed up (compilation, autotuning,
+AdamW state), then timed interleaved: each round one step of every provider in turn
+(A B C A B C ...), so that the machine's drift lands on all of them alike. Per provider,
+``extra_info["interleaved"]`` holds the median img/s, the median of the per-round ratios
+vs eager with their quartiles and range, whether the quartiles exclude 1 (``rankable``),
+peak memory and the parity figures; ``bench/report.py`` turns them into a table. The
+pytest-benchmark time of these benchmarks is the whole job's (parity, warm-up, rounds),
+not a speed.
 
-extra_info: ``img_per_s``; ``tflops`` (forward FLOPs from ``vit.count_flops``, x3 for a
-training step); ``peak_mem_mb``: memory this provider adds above what was allocated
-before it was built (CUDA: allocated bytes; CPU: peak RSS growth, approximate);
-``parity_max_diff`` / ``parity_tol`` against the fp32 reference.
-
-CPU: inference of ViT-S/16 and a training step of ViT-Ti/16, 224 px, batch 4, fp32, few
-rounds (a few minutes on 2 cores, most of it torch.compile compiling; compiling the
-training step is left out unless FASTVIT_BENCH_FULL=1). CUDA: ViT-S/B/L at 224 (batch 256, 256, 64) and ViT-B at
-384 (batch 64), bf16 autocast.
+CPU: inference of ViT-S/16 and a training step of ViT-Ti/16, 224 px, batch 8 and 1 (inference)
+or 4 (training), fp32, ~20 s of rounds each (``timing.ROUND_TARGET_SECONDS``); compiling the
+training step on CPU is left out unless FASTVIT_BENCH_FULL=1. CUDA: ViT-S/B/L at 224 (batch
+256, 256, 64) and ViT-B at 384 (batch 64), bf16 autocast.
 """
 
+import io
 import os
 
 import pytest
-import torch
-from benchutil import DEVICE, ON_CUDA, measure
+from benchutil import DEVICE, MALLOC_TUNED, ON_CUDA
 
 from vit.config import get_config
-from vit.model import ViT, count_flops
-from vit.tools import bench as vb
+from vit.model import count_flops
 from vit.tools.bench import providers as registry
+from vit.tools.bench.report import environment
+from vit.tools.bench.run import failed, run
+from vit.tools.bench.settings import make_settings
 
 if ON_CUDA:
     CASES = [(model, batch, mode) for model, batch in
@@ -39,81 +43,76 @@ if ON_CUDA:
               ("vit_large_patch16_224", 64), ("vit_base_patch16_384", 64)]
              for mode in ("infer", "train")]
     DTYPE = "bf16"
-    ROUNDS = {"infer": 30, "train": 20}
     WARMUP = {"infer": 5, "train": 5}
 else:
     # ViT-S for inference, ViT-Ti for the (3x costlier) training step
-    CASES = [("vit_small_patch16_224", 4, "infer"), ("vit_tiny_patch16_224", 4, "train")]
+    CASES = [("vit_small_patch16_224", 8, "infer"), ("vit_small_patch16_224", 1, "infer"),
+             ("vit_tiny_patch16_224", 4, "train")]
     DTYPE = "fp32"
-    ROUNDS = {"infer": 5, "train": 3}
     WARMUP = {"infer": 1, "train": 2}
 # Compiling a training step on CPU costs about 75 CPU-seconds here (measured, cold cache),
 # more than the rest of this file; FASTVIT_BENCH_FULL=1 includes it.
 SKIP_CPU_COMPILE_TRAIN = not ON_CUDA and os.environ.get("FASTVIT_BENCH_FULL", "0") != "1"
-# "fast" is the automatic choice among the fast-* providers: measured through them
-PROVIDERS = [p for p in registry.provider_names() if p != "fast"]
 TRAIN_FLOPS_FACTOR = 3  # backward ~ 2x forward
-
-_case_cache: dict = {}
-
-
-def _case(model_name: str, batch: int, train: bool):
-    """Reference model, inputs and its outputs for one case (only the latest one kept)."""
-    key = (model_name, batch, train)
-    if key not in _case_cache:
-        _case_cache.clear()
-        vb.release_memory(DEVICE)
-        torch.manual_seed(0)
-        cfg = get_config(model_name)
-        reference = ViT(cfg).to(DEVICE).eval()
-        images = torch.randn(batch, cfg.in_chans, *cfg.img_hw, device=DEVICE)
-        labels = torch.randint(0, cfg.num_classes, (batch,), device=DEVICE)
-        ref = vb.reference_outputs(reference, images, labels, vb.DTYPES[DTYPE], with_grads=train)
-        _case_cache[key] = (cfg, reference, ref)
-    return _case_cache[key]
+MODES = {"infer": "inference", "train": "train"}
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[2]}-{c[0]}-b{c[1]}")
-def test_model(benchmark, case, provider):
-    model_name, batch, mode = case
+def _providers(model_name: str, mode: str) -> tuple[list[str], dict[str, str]]:
+    """Providers to time for a case, and why each of the others is left out."""
     cfg = get_config(model_name)
-    reason = registry.unavailable_reason(provider, DEVICE, cfg, DTYPE)
-    if reason:
-        pytest.skip(reason)
-    if mode == "train" and not registry.get_provider(provider).trains:
-        pytest.skip(f"{provider} runs inference only")
-    if provider == "compile" and mode == "train" and SKIP_CPU_COMPILE_TRAIN:
-        pytest.skip("torch.compile of a training step on CPU: ~75 s of compilation; "
-                    "set FASTVIT_BENCH_FULL=1 to include it")
-    dtype = vb.DTYPES[DTYPE]
-    cfg, reference, ref = _case(model_name, batch, mode == "train")
-    spec = registry.get_provider(provider)
+    chosen, left_out = [], {}
+    # "fast" is the automatic choice among the fast-* providers: measured through them
+    for name in (p for p in registry.provider_names() if p != "fast"):
+        reason = registry.unavailable_reason(name, DEVICE, cfg, DTYPE)
+        if reason is None and mode == "train" and not registry.get_provider(name).trains:
+            reason = "runs inference only"
+        if reason is None and name == "compile" and mode == "train" and SKIP_CPU_COMPILE_TRAIN:
+            reason = "torch.compile of a training step on CPU: ~75 s of compilation; FASTVIT_BENCH_FULL=1 includes it"
+        if reason is None:
+            chosen.append(name)
+        else:
+            left_out[name] = reason
+    return chosen, left_out
 
-    module = spec.build(reference)
-    checks = vb.check_parity(module, ref, dtype, spec.context)
-    module = None
-    bad = [c for c in checks if not c.ok]
-    if bad:
-        pytest.fail(f"{provider} fails parity, not timed: {'; '.join(c.detail for c in bad)}")
 
-    memory = vb.PeakMemory(DEVICE)
-    memory.baseline()
-    module = spec.build(reference)
-    if mode == "infer":
-        step = vb.inference_step(module, ref.images, dtype, spec.context)
-    else:
-        step = vb.train_step(module, ref.images, ref.labels, dtype, spec.context)
-    for _ in range(WARMUP[mode]):  # compilation, autotuning and optimizer state: not timed
-        step()
-    memory.start()
-    flops = count_flops(cfg) * batch * (TRAIN_FLOPS_FACTOR if mode == "train" else 1)
-    measure(benchmark, step, provider=provider, group=f"model-{mode}-{model_name}-b{batch}-{DTYPE}",
-            flops=flops, items=batch, rounds=ROUNDS[mode], warmup=0)
-    peak = memory.stop()
-    worst = max(checks, key=lambda c: c.max_diff / c.tolerance if c.tolerance else 0.0)
+def _summary(results: dict, mode: str, items: int, flops: float) -> dict:
+    """Per provider: the figures of one mode, compact enough for the JSON's extra_info."""
+    out = {}
+    for row in results["results"]:
+        timed = row.get(mode) or {}
+        spread = (row.get("vs_eager") or {}).get(mode) or {}
+        worst = max(row["parity"], key=lambda c: c["max_diff"] / c["tolerance"] if c["tolerance"] else 0.0,
+                    default=None)
+        median = timed.get("median_s")
+        out[row["provider"]] = {
+            "status": row["status"], "reason": row["reason"],
+            "img_per_s": items / median if median else None,
+            "tflops": flops / median / 1e12 if median else None,
+            "rounds": timed.get("steps"), "peak_mem_mb": timed.get("peak_mem_mb"),
+            "vs_eager": {k: spread[k] for k in ("median", "q1", "q3", "min", "max", "rankable")} if spread else None,
+            "parity_max_diff": worst["max_diff"] if worst else None,
+            "parity_tol": worst["tolerance"] if worst else None,
+        }
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[2]}-{c[0]}-b{c[1]}")
+def test_model(benchmark, case):
+    model_name, batch, mode = case
+    providers, left_out = _providers(model_name, mode)
+    settings = make_settings(model=model_name, device=DEVICE.type, dtype=DTYPE, batch_size=batch,
+                             warmup=WARMUP[mode], train=mode == "train", providers=providers)
+    log, results = io.StringIO(), {}
+    benchmark.group = f"model-{mode}-{model_name}-b{batch}-{DTYPE}"
+    benchmark.pedantic(lambda: results.update(run(settings, stream=log, modes=[MODES[mode]])),
+                       rounds=1, iterations=1, warmup_rounds=0)
+    flops = count_flops(settings.config) * batch * (TRAIN_FLOPS_FACTOR if mode == "train" else 1)
+    machine = environment(DEVICE)["machine"]
     benchmark.extra_info.update(
-        model=model_name, batch_size=batch, dtype=DTYPE, mode=mode, peak_mem_mb=peak,
-        peak_mem_kind=memory.kind, parity_max_diff=worst.max_diff, parity_tol=worst.tolerance)
-    module = step = None
-    vb.release_memory(DEVICE)
+        provider="interleaved", device=machine.get("gpu", "cpu"), model=model_name, batch_size=batch,
+        dtype=DTYPE, mode=mode, threads=machine["torch_threads"], cpu_flags=machine["cpu_flags"],
+        malloc_tuned=MALLOC_TUNED, memory_kind=results["conditions"]["memory_kind"],
+        interleaved=_summary(results, MODES[mode], batch, flops), left_out=left_out)
+    bad = failed(results)
+    if bad:
+        pytest.fail(f"{', '.join(bad)} failed parity or could not run; not timed:\n{log.getvalue()}")

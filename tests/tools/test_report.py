@@ -81,3 +81,29 @@ def test_real_pytest_benchmark_json(tmp_path):
     assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 1.5  # 20 ms vs 5 ms sleeps
     text = report.render(data)
     assert "| sleep | 1.00x |" in text and "| fast |" in text and "img/s" in text
+
+
+def test_interleaved_model_benchmarks_get_their_own_table(tmp_path):
+    """bench/test_bench_model.py's records (provider "interleaved", per-provider figures in
+    extra_info) are reported from those figures, not from the benchmark's job time."""
+    spread = {"median": 1.25, "q1": 1.2, "q3": 1.3, "min": 1.1, "max": 1.4, "rankable": True}
+    wide = {"median": 1.02, "q1": 0.97, "q3": 1.05, "min": 0.9, "max": 1.1, "rankable": False}
+    rows = {"eager": {"status": "ok", "reason": "", "img_per_s": 10.0, "tflops": 0.1, "rounds": 9,
+                      "peak_mem_mb": 50.0, "vs_eager": {**spread, "median": 1.0, "q1": 1.0, "q3": 1.0},
+                      "parity_max_diff": 0.0, "parity_tol": 1e-4},
+            "fast-cpp": {"status": "ok", "reason": "", "img_per_s": 12.5, "tflops": 0.12, "rounds": 9,
+                         "peak_mem_mb": 40.0, "vs_eager": spread, "parity_max_diff": 1e-6, "parity_tol": 1e-4},
+            "compile": {"status": "ok", "reason": "", "img_per_s": 10.2, "tflops": 0.1, "rounds": 9,
+                        "peak_mem_mb": 60.0, "vs_eager": wide, "parity_max_diff": 1e-6, "parity_tol": 1e-4}}
+    bench = {"group": "model-infer-vit_s-b8-fp32", "name": "test_model[infer]",
+             "stats": {"mean": 30.0, "median": 30.0, "stddev": 0.0, "rounds": 1},
+             "extra_info": {"provider": "interleaved", "interleaved": rows, "threads": 2,
+                            "cpu_flags": ["avx2", "avx512f"], "memory_kind": "rss",
+                            "left_out": {"onnxruntime": "not installed"}}}
+    text = report.render({"benchmarks": [bench]})
+    assert "model-infer-vit_s-b8-fp32 (interleaved)" in text
+    assert "CPU flags: avx2 avx512f" in text
+    assert "| fast-cpp | 12.5 | 0.12 | 1.25x [1.20-1.30] | 9 |" in text
+    assert "1.02x [0.97-1.05] (too wide)" in text
+    assert "| onnxruntime | - | - | - | - | - | - | left out: not installed |" in text
+    assert report.groups({"benchmarks": [bench]}) == {}  # the job time is no provider's speed

@@ -45,8 +45,16 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
-def run(settings: Settings, stream=None) -> dict:
-    """The whole job; returns what goes into results.json (progress goes to ``stream``)."""
+def run(settings: Settings, stream=None, modes: list[str] | None = None) -> dict:
+    """The whole job; returns what goes into results.json (progress goes to ``stream``).
+
+    ``modes``: what to time, of "inference" and "train" (default: inference, plus train when
+    ``settings.train``; parity covers gradients whenever ``settings.train``).
+    """
+    if modes is None:
+        modes = ["inference"] + (["train"] if settings.train else [])
+    if "train" in modes and not settings.train:
+        raise ValueError("timing 'train' needs settings.train (gradients are checked first)")
     stream = stream or sys.stderr
     device, dtype = settings.device, settings.torch_dtype
     job_start = time.perf_counter()
@@ -96,7 +104,7 @@ def run(settings: Settings, stream=None) -> dict:
         summary = ", ".join(f"{c.what} max|diff| {c.max_diff:.2e} (tol {c.tolerance:.2e})" for c in checks)
         stream.write(f"  {name:<14s} {'ok    ' if not failed else 'FAILED'} {summary}\n")
 
-    for mode in ["inference"] + (["train"] if settings.train else []):
+    for mode in modes:
         _time_mode(mode, rows, built, settings, reference, images, labels, stream)
         built = {}  # training builds fresh modules (a step changes the weights)
         release_memory(device)
