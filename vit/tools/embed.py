@@ -183,8 +183,9 @@ def embed_shard(model, root: Path, files: list[str], preprocess: Preprocess, *, 
 
     for positions, embeddings, failed in embed_files(model, [str(root / f) for f in files], preprocess,
                                                      batch_size=batch_size, workers=workers, amp=amp):
-        paths += [files[i] for i in positions]
-        rows.append(embeddings)
+        if positions:  # a batch of unreadable files only has no rows
+            paths += [files[i] for i in positions]
+            rows.append(embeddings)
         failures += [(files[i], why) for i, why in failed]
         embedded += len(positions)
         progress.update(len(positions) + len(failed))
