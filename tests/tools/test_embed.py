@@ -388,3 +388,14 @@ def test_file_format_round_trip(tmp_path, monkeypatch):
     scores, ids = store.nearest(store.open_index(path), queries, 4)
     assert torch.equal(ids, expected.indices)
     torch.testing.assert_close(scores, expected.values)
+
+
+def test_progress_lines_when_updates_come_in_batches():
+    """``fastvit embed`` advances its progress a batch at a time: the 5% lines still appear."""
+    out = io.StringIO()
+    bar = vembed.Progress(1000, stream=out, mode="lines", unit="img")
+    for _ in range(15):
+        bar.update(64)
+    bar.update(40)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 16 and lines[0].startswith("64/1000") and lines[-1].startswith("1000/1000"), lines

@@ -235,6 +235,7 @@ def main_embed(args, stdout, stderr) -> int:
             file=stderr)
         return 2
     dtype = store.DTYPES[args.dtype]
+    out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "model": args.model or "", "checkpoint": str(Path(args.pretrained).resolve()),
         "weights": weights_fingerprint(model), "config": json.dumps(model.config.to_dict(), sort_keys=True),
