@@ -222,7 +222,7 @@ def main_embed(args, stdout, stderr) -> int:
     device = device if not dist.enabled else dist.device
     amp_name = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     amp = AMP_DTYPES[amp_name]
-    say = (lambda *a, **k: print(*a, **k)) if dist.main else (lambda *a, **k: None)
+    say = print if dist.main else (lambda *a, **k: None)  # rank 0 speaks for all
     try:
         files = list_images(root)
         model, preprocess = load_encoder(args.pretrained, model_name=args.model, fast=args.fast, device=device)
