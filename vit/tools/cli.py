@@ -3,6 +3,8 @@
   fastvit bench      parity-checked speed of every provider (the README's main job)
   fastvit predict    top-5 classes for image files with a pretrained checkpoint
   fastvit train      training (vit.tools.train; every argument after ``train`` is its own)
+  fastvit embed      embeddings of every image of a folder into one file (resumable, torchrun)
+  fastvit search     the nearest images of such a file to query images (cosine similarity)
 """
 
 from __future__ import annotations
@@ -83,6 +85,83 @@ def _predict(args, stdout, stderr) -> int:
     return predict.main(args, stdout, stderr)
 
 
+def _positive(parser_name: str, args, stderr, *names: str, zero_ok: tuple[str, ...] = ()) -> bool:
+    """Print an error and return False unless each of ``names`` is a positive integer (or 0 if in zero_ok)."""
+    for name in names:
+        value, least = getattr(args, name), 0 if name in zero_ok else 1
+        if value < least:
+            kind = "a non-negative" if least == 0 else "a positive"
+            print(f"error: {parser_name} --{name.replace('_', '-')} must be {kind} integer, got {value}", file=stderr)
+            return False
+    return True
+
+
+def _embed_parser(sub) -> None:
+    import os
+
+    from .progress import MODES
+
+    p = sub.add_parser("embed", help="embeddings of every image of a folder, into one safetensors file",
+                       description="Run every image under IMAGES_DIR (recursively) through a ViT and write the "
+                                   "pooled embeddings (forward_head(..., pre_logits=True)) with the relative "
+                                   "paths to one safetensors file. Rerunning skips what the file already holds; "
+                                   "under torchrun each rank embeds a shard and rank 0 merges.")
+    p.add_argument("images", metavar="IMAGES_DIR", help="folder of images (searched recursively)")
+    p.add_argument("--pretrained", required=True, metavar="PATH",
+                   help="HF snapshot directory or a safetensors file (as for fastvit predict)")
+    p.add_argument("--model", metavar="PRESET", help="preset for a weights file that carries no config")
+    p.add_argument("--out", default="embeddings.safetensors",
+                   help="output file (default ./embeddings.safetensors); chunks go to OUT.parts/ meanwhile")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of the stored embeddings (default float32)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes decoding images (default min(4, CPUs); 0: in process)")
+    p.add_argument("--chunk-size", type=int, default=4096,
+                   help="rows per chunk file: a kill loses at most this many (default 4096)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                   help="autocast dtype (default auto: bf16 on CUDA, none on CPU)")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="the fast model vit.fast.ViT (default) or the reference (--no-fast)")
+    p.add_argument("--progress", choices=MODES, default="auto",
+                   help="progress display (auto: a bar on a terminal, a final line otherwise)")
+    p.set_defaults(func=_embed)
+
+
+def _embed(args, stdout, stderr) -> int:
+    from . import embed
+
+    if not _positive("embed", args, stderr, "batch_size", "chunk_size", "workers", zero_ok=("workers",)):
+        return 2
+    return embed.main_embed(args, stdout, stderr)
+
+
+def _search_parser(sub) -> None:
+    p = sub.add_parser("search", help="nearest images of a `fastvit embed` file to query images",
+                       description="Embed each query image with the model that wrote the index and print its "
+                                   "k nearest indexed images by cosine similarity, best first.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
+    p.add_argument("--index", required=True, metavar="FILE", help="embeddings file written by fastvit embed")
+    p.add_argument("--k", type=int, default=5, help="neighbours per query (default 5)")
+    p.add_argument("--pretrained", metavar="PATH",
+                   help="the index's checkpoint, if it has moved (default: the path stored in the index)")
+    p.add_argument("--model", metavar="PRESET", help="preset (default: the one stored in the index)")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="the fast model (default) or the reference (--no-fast)")
+    p.add_argument("--batch-size", type=int, default=16, help="query images per forward pass (default 16)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.set_defaults(func=_search)
+
+
+def _search(args, stdout, stderr) -> int:
+    from . import embed
+
+    if not _positive("search", args, stderr, "k", "batch_size"):
+        return 2
+    return embed.main_search(args, stdout, stderr)
+
+
 def _train(argv: list[str], stderr) -> int:
     import importlib
 
@@ -93,9 +172,11 @@ def _train(argv: list[str], stderr) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastvit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,predict,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,predict,train,embed,search}")
     _bench_parser(sub)
     _predict_parser(sub)
+    _embed_parser(sub)
+    _search_parser(sub)
     # listed for --help only: main() hands everything after "train" to vit.tools.train untouched
     sub.add_parser("train", help="train a ViT (arguments: see `fastvit train --help`)", add_help=False)
     return parser

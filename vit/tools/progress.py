@@ -64,8 +64,9 @@ class Progress:
             if status is not None:
                 self._bar.set_postfix_str(status, refresh=False)
             self._bar.update(self.done - before)
-        elif self.mode == "lines" and self.done and (
-                self.done % max(1, self._total // 20) == 0 or self.done == self._total):
+        elif self.mode == "lines" and self.done > before and (  # crossed a 5% mark (updates may be > 1)
+                self.done // max(1, self._total // 20) > before // max(1, self._total // 20)
+                or self.done == self._total):
             self._write(self.line())
 
     def line(self) -> str:
