@@ -170,6 +170,13 @@ def test_parameter_names_are_timms():
     assert shapes["attn_pool.mlp.fc1.weight"] == (128, 32)
 
 
+def test_no_weight_decay_names_the_learned_tokens():
+    model = ViT(**TINY, reg_tokens=2)
+    names = {name for name, _ in model.named_parameters()}
+    assert model.no_weight_decay() & names == {"pos_embed", "cls_token", "reg_token"}
+    assert "dist_token" in ViT(**TINY, distilled=True).no_weight_decay() & set(ViT(**TINY, distilled=True).state_dict())
+
+
 def test_init_values_and_activations():
     model = ViT(**TINY, init_values=1e-6, act_layer="quick_gelu")
     assert isinstance(model.blocks[0].ls1, LayerScale)
