@@ -2,24 +2,52 @@
 
 ``ViT(config)`` or ``ViT(**fields)`` (the fields of ``ViTConfig``), or both: keyword
 arguments override the config. Subclasses swap the layer classes (``patch_embed_layer``,
-``block_layer``, ``norm_layer``) and keep every parameter name.
+``block_layer``, ``norm_layer``, ``attn_pool_layer``) and keep every parameter name.
+
+The knobs of timm's ``VisionTransformer`` that the ViT family uses (DINOv2, CLIP, SigLIP,
+DeiT) are config fields with timm's names; the embedding API is timm's
+(``forward_features``, ``forward_head(x, pre_logits=True)``, ``forward_intermediates``).
 """
 
 from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ViTConfig
-from .layers import Block, PatchEmbed
+from .layers import AttentionPoolLatent, Block, PatchEmbed
 from .weights import resample_pos_embed
+
+
+def take_indices(depth: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
+    """timm's block selection: None -> all, an int n -> the last n, a list -> those (negative from the end)."""
+    if indices is None:
+        indices = depth
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 0 < indices <= depth:
+            raise ValueError(f"indices={indices} asks for the last {indices} blocks; expected 1 to {depth}")
+        return list(range(depth - indices, depth))
+    taken = []
+    for i in indices:
+        index = depth + i if i < 0 else i
+        if not 0 <= index < depth:
+            raise ValueError(f"block index {i} is out of range for {depth} blocks "
+                             f"(expected {-depth} to {depth - 1})")
+        taken.append(index)
+    if not taken:
+        raise ValueError("indices selects no block; expected an int >= 1 or a non-empty list")
+    return taken
 
 
 class ViT(nn.Module):
     patch_embed_layer = PatchEmbed
     block_layer = Block
     norm_layer = nn.LayerNorm
+    attn_pool_layer = AttentionPoolLatent
 
     def __init__(self, config: ViTConfig | None = None, **overrides):
         super().__init__()
@@ -29,42 +57,70 @@ class ViT(nn.Module):
         self.config = cfg
         self.num_prefix_tokens = cfg.num_prefix_tokens
         self.grad_checkpointing = False
+        self.distilled_training = False  # DeiT: forward returns both heads' logits in training
 
         dim = cfg.embed_dim
-        self.patch_embed = self.patch_embed_layer(cfg.patch_size, cfg.in_chans, dim)
+        # CLIP's pre-norm models have no patch-embedding bias (timm: bias=not pre_norm).
+        self.patch_embed = self.patch_embed_layer(cfg.patch_size, cfg.in_chans, dim, bias=not cfg.pre_norm)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.class_token else None
-        num_tokens = cfg.grid_size[0] * cfg.grid_size[1] + cfg.num_prefix_tokens
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, dim)) if cfg.reg_tokens else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_embed_tokens, dim))
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.norm_pre = self.norm_layer(dim, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.Sequential(*[
             self.block_layer(dim, cfg.num_heads, cfg.mlp_hidden_dim, cfg.qkv_bias,
                              proj_drop=cfg.proj_drop_rate, attn_drop=cfg.attn_drop_rate,
-                             drop_path=rate, norm_eps=cfg.norm_eps)
+                             drop_path=rate, norm_eps=cfg.norm_eps, init_values=cfg.init_values,
+                             act_layer=cfg.act_layer)
             for rate in rates
         ])
         self.norm = nn.Identity() if cfg.use_fc_norm else self.norm_layer(dim, eps=cfg.norm_eps)
+        self.attn_pool = (self.attn_pool_layer(dim, cfg.num_heads, cfg.mlp_hidden_dim, cfg.norm_eps, cfg.act_layer)
+                          if cfg.global_pool == "map" else None)
         self.fc_norm = self.norm_layer(dim, eps=cfg.norm_eps) if cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        if cfg.distilled:
+            self.head_dist = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
 
     # ------------------------------------------------------------------ init / settings
     @torch.no_grad()
     def init_weights(self) -> None:
-        """timm's default init: truncated normal (std .02) for Linear and pos_embed."""
+        """timm's default init: truncated normal (std .02) for Linear and pos_embed, the
+        class and register tokens near 0, the MAP latent at std D^-1/2; LayerScale
+        gammas keep their ``init_values``."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        if self.attn_pool is not None:
+            latent = self.attn_pool.latent
+            nn.init.trunc_normal_(latent, std=latent.shape[-1] ** -0.5)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward instead of storing them."""
         self.grad_checkpointing = bool(enable)
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """DeiT (``distilled``): in training, return ``(class-head logits, distillation-head
+        logits)`` for a distillation loss instead of their mean (timm's switch)."""
+        if not self.config.distilled:
+            raise ValueError("set_distilled_training needs a distilled model (config distilled=True)")
+        self.distilled_training = bool(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that take no weight decay, by name (timm's set)."""
+        return {"pos_embed", "cls_token", "reg_token", "dist_token"}
 
     @property
     def num_features(self) -> int:
@@ -97,52 +153,144 @@ class ViT(nn.Module):
         """The position embedding for a patch grid, resampled if it is not the config's."""
         if tuple(grid) == self.config.grid_size:
             return self.pos_embed
-        return resample_pos_embed(self.pos_embed, grid, self.config.grid_size, self.num_prefix_tokens)
+        return resample_pos_embed(self.pos_embed, grid, self.config.grid_size, self.config.pos_prefix_tokens)
+
+    def prefix_tokens(self) -> list[torch.Tensor]:
+        """The learned tokens put before the patches, in order: class, registers, distillation."""
+        return [t for t in (self.cls_token, self.reg_token, self.dist_token) if t is not None]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> tokens: patch embedding, class token prepended, position embedding added."""
+        """Images -> tokens: patch embedding, prefix tokens prepended, position embedding
+        added (to the patches only with ``no_embed_class``), dropout."""
         grid = self.check_images(x)
         x = self.patch_embed(x)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed_for(grid))
+        pos = self.pos_embed_for(grid)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in self.prefix_tokens()]
+        if self.config.no_embed_class:
+            x = torch.cat([*prefix, x + pos], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + pos
+        return self.pos_drop(x)
+
+    def _run_block(self, block: nn.Module, *state):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *state, use_reentrant=False)
+        return block(*state)
+
+    def iter_blocks(self, x: torch.Tensor, blocks=None) -> Iterator:
+        """Run ``blocks`` (default: all) on tokens ``x``, yielding each block's output
+        (as a state that ``summed`` turns into tokens; here the tokens themselves)."""
+        for block in self.blocks if blocks is None else blocks:
+            x = self._run_block(block, x)
+            yield x
+
+    def summed(self, state) -> torch.Tensor:
+        """A block's output as tokens (B, T, D) (the fast model keeps it unsummed)."""
+        return state
+
+    def final_norm(self, state) -> torch.Tensor:
+        """The final norm (identity for fc_norm models) of a block's output."""
+        return self.norm(self.summed(state))
+
+    def last_block_output(self, x: torch.Tensor):
+        """Tokens -> the last block's output state (earlier ones are not kept alive)."""
+        return deque(self.iter_blocks(x), maxlen=1)[0]
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
+        """Tokens -> the last block's output."""
+        return self.summed(self.last_block_output(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> normalized tokens (B, T, D)."""
-        return self.norm(self.run_blocks(self.embed(x)))
+        """Images (B, C, H, W) -> every token after the final norm (B, T, D)."""
+        return self.final_norm(self.last_block_output(self.norm_pre(self.embed(x))))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """The outputs of chosen blocks, for dense heads (segmentation, depth), as timm has it.
+
+        ``indices``: None for every block, an int n for the last n, or a list of block
+        indices (negative from the end). ``norm`` applies the final norm to each;
+        ``output_fmt`` "NCHW" gives patch maps (B, D, H/P, W/P), "NLC" patch tokens
+        (B, N, D); the prefix tokens are dropped unless ``return_prefix_tokens`` (then
+        each entry is ``(patches, prefix (B, n_prefix, D))``). Returns
+        ``(final features, intermediates)``, or only the list with ``intermediates_only``.
+        ``stop_early`` skips the blocks after the last one taken (the final features are
+        then those of that block, normed, as in timm).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        depth = len(self.blocks)
+        taken = take_indices(depth, indices)
+        grid = self.check_images(x)
+        blocks = self.blocks[:max(taken) + 1] if stop_early else self.blocks
+        intermediates, state = [], None
+        for i, state in enumerate(self.iter_blocks(self.norm_pre(self.embed(x)), blocks)):
+            if i in taken:
+                out = self.summed(state)
+                intermediates.append(self.norm(out) if norm else out)
+        prefix = self.num_prefix_tokens
+        prefixes = [y[:, :prefix] for y in intermediates]
+        intermediates = [y[:, prefix:] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if return_prefix_tokens and prefix:
+            intermediates = list(zip(intermediates, prefixes))
+        if intermediates_only:
+            return intermediates
+        return self.final_norm(state), intermediates
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int | list[int] = 1, reshape: bool = False,
+                                return_prefix_tokens: bool = False, norm: bool = False) -> list:
+        """DINOv2's interface to ``forward_intermediates`` (timm keeps it too): the last ``n``
+        blocks (or those listed), as patch tokens, or patch maps with ``reshape``."""
+        return self.forward_intermediates(x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                                          output_fmt="NCHW" if reshape else "NLC", intermediates_only=True)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, T, D) -> (B, D): the class token, the mean of the patch tokens, or the
+        MAP head over the patch tokens (the prefix tokens excluded, as timm does)."""
+        if self.attn_pool is not None:
+            return self.attn_pool(x[:, self.num_prefix_tokens:])
         if self.config.global_pool == "avg":
             return x[:, self.num_prefix_tokens:].mean(dim=1)
         return x[:, 0]
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (B, T, D) -> logits (B, num_classes), or pooled features if pre_logits."""
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        """Tokens (B, T, D) -> logits (B, num_classes), or the pooled embedding (B, D) if
+        ``pre_logits``. Distilled (DeiT): the mean of the class and distillation tokens'
+        embeddings / logits; in training after ``set_distilled_training()``, both logits."""
+        if self.config.distilled:
+            cls, dist = x[:, 0], x[:, 1]
+            if pre_logits:
+                return (cls + dist) / 2
+            cls, dist = self.head(cls), self.head_dist(dist)
+            if self.distilled_training and self.training:
+                return cls, dist
+            return (cls + dist) / 2
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         return self.forward_head(self.forward_features(x))
 
 
 def count_flops(config: ViTConfig, img_hw: tuple[int, int] | None = None) -> int:
-    """Forward FLOPs (2 per multiply-add) of one image: the matmuls and attention."""
+    """Forward FLOPs (2 per multiply-add) of one image: the matmuls and attention
+    (blocks, MAP head, classifier heads; norms and activations are not counted)."""
     height, width = img_hw or config.img_hw
     patches = (height // config.patch_size) * (width // config.patch_size)
     tokens = patches + config.num_prefix_tokens
     dim, hidden = config.embed_dim, config.mlp_hidden_dim
     embed = 2 * patches * dim * config.in_chans * config.patch_size ** 2
     per_block = 2 * tokens * dim * (3 * dim + dim + 2 * hidden) + 4 * tokens * tokens * dim
-    head = 2 * dim * config.num_classes
-    return embed + config.depth * per_block + head
+    pool = 0
+    if config.global_pool == "map":  # over the patch tokens: q and proj on 1 token, kv on all
+        pool = 2 * dim * dim * 2 + 2 * patches * dim * 2 * dim + 4 * patches * dim + 2 * dim * 2 * hidden
+    head = 2 * dim * config.num_classes * (2 if config.distilled else 1)
+    return embed + config.depth * per_block + pool + head
 
 
-__all__ = ["ViT", "count_flops"]
+__all__ = ["ViT", "count_flops", "take_indices"]
