@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import vit
+from vit import ViT
 from vit import weights as weights_io
 from vit.tools import data as vdata
 from vit.tools import train
@@ -286,3 +287,24 @@ def test_unreadable_init_file_is_a_clean_error(tmp_path, capsys, damage):
     err = capsys.readouterr().err
     assert str(path) in err and "Traceback" not in err, err
     assert ("no such file" in err) if damage == "missing" else ("corrupt" in err), err
+
+
+def test_family_parameters_in_the_optimizer_groups():
+    """The tokens a model says take no decay (timm's set) take none; DeiT's head_dist is a
+    head (linear probe, head lr scale); norm_pre and dist_token are embedding-side."""
+    from vit.tools.train import finetune, schedule
+
+    model = ViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3, distilled=True,
+                pre_norm=True, init_values=0.1)
+    tokens = {name for name, p in model.named_parameters() if p.ndim == 3}
+    assert tokens == {"pos_embed", "cls_token", "dist_token"}
+    assert schedule.NO_DECAY_TOKENS >= model.no_weight_decay()
+    undecayed = {n for g in finetune.param_groups(model, 0.05, depth=2) if g["weight_decay"] == 0
+                 for n in g["names"]}
+    assert tokens <= undecayed and "blocks.0.ls1.gamma" in undecayed
+    assert "blocks.0.attn.qkv.weight" not in undecayed
+    plain = schedule.param_groups(model, 0.05)
+    assert {id(p) for p in plain[1]["params"]} == {id(p) for n, p in model.named_parameters() if n in undecayed}
+    assert finetune.layer_id("dist_token", 2) == finetune.layer_id("norm_pre.weight", 2) == 0
+    assert sorted(finetune.freeze_backbone(model)) == ["head.bias", "head.weight", "head_dist.bias",
+                                                      "head_dist.weight"]

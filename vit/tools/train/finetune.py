@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import torch
 
+from .schedule import no_weight_decay
+
 # Stochastic depth of the fine-tuning recipes (DeiT / BEiT / timm) by width; the from-scratch
 # presets keep 0. A user's --set drop_path_rate=... wins.
 FINETUNE_DROP_PATH = {192: 0.0, 384: 0.1, 768: 0.1, 1024: 0.2, 1280: 0.3}
 
 # Parameters that belong to the embedding (layer 0) and to the head side (the last layer).
-_EMBED = ("patch_embed.", "cls_token", "reg_token", "pos_embed")
+_EMBED = ("patch_embed.", "cls_token", "reg_token", "dist_token", "pos_embed", "norm_pre.")
+_HEADS = ("head.", "head_dist.")  # DeiT's distillation head is a head too
 
 
 def finetune_drop_path(embed_dim: int) -> float:
@@ -29,12 +32,7 @@ def layer_id(name: str, depth: int) -> int:
 
 
 def is_head(name: str) -> bool:
-    return name.startswith("head.")
-
-
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Norms, biases, position embedding and class / register tokens are not decayed."""
-    return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in ("pos_embed", "cls_token", "reg_token")
+    return name.startswith(_HEADS)
 
 
 def freeze_backbone(module: torch.nn.Module) -> list[str]:

@@ -8,14 +8,23 @@ import torch
 
 from .errors import TrainError
 
+# The token parameters that take no weight decay: ``vit.ViT.no_weight_decay()``, timm's set.
+NO_DECAY_TOKENS = frozenset({"pos_embed", "cls_token", "reg_token", "dist_token"})
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Norms, biases, the position embedding and the class / register / distillation tokens
+    are not decayed (names may carry a wrapper's prefix, e.g. DDP's ``module.``)."""
+    return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_TOKENS
+
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay for weight matrices, none for norms, biases, pos_embed, cls_token."""
+    """AdamW groups: decay for weight matrices, none for what ``no_weight_decay`` names."""
     decay, no_decay = [], []
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in ("pos_embed", "cls_token"):
+        if no_weight_decay(name, param):
             no_decay.append(param)
         else:
             decay.append(param)
