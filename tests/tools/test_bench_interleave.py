@@ -175,3 +175,16 @@ def test_a_provider_failing_in_the_rounds_is_dropped_and_the_others_timed(record
     assert rows["b"]["status"] == "ok" and rows["b"]["inference"]["steps"] == 4
     assert rows["b"]["vs_eager"]["inference"]["rounds"] == 4
     assert bench.failed(results) == ["flaky"]
+
+
+def test_hf_provider_is_unavailable_for_family_models():
+    """transformers' ViT is the vanilla one: a DINOv2 / CLIP-style config is not silently
+    benchmarked as a different model."""
+    pytest.importorskip("transformers")
+    from vit.config import get_config
+    from vit.tools.bench import providers
+
+    assert providers.unavailable_reason("hf", "cpu", get_config("vit_small_patch16_224")) is None
+    reason = providers.unavailable_reason("hf", "cpu", get_config("vit_small_patch14_dinov2"))
+    assert reason is not None and "init_values" in reason
+    assert "pre_norm" in providers.unavailable_reason("hf", "cpu", get_config("vit_base_patch16_clip_224"))

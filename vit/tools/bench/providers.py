@@ -214,9 +214,17 @@ class _Logits(nn.Module):
         return self.module(pixel_values=images).logits
 
 
+# The ViTConfig knobs of the other families (DINOv2, CLIP, SigLIP, DeiT) at their vanilla values.
+_VANILLA = {"init_values": None, "reg_tokens": 0, "no_embed_class": False, "pre_norm": False, "act_layer": "gelu",
+            "distilled": False}
+
+
 def _hf_unavailable(device: torch.device, config: ViTConfig) -> str | None:
     if importlib.util.find_spec("transformers") is None:
         return "transformers is not installed"
+    family = [name for name, vanilla in _VANILLA.items() if getattr(config, name) != vanilla]
+    if family:
+        return f"the hf provider builds transformers' vanilla ViT, not a model with {', '.join(family)}"
     if config.global_pool != "token" or config.use_fc_norm:
         return "transformers' ViT pools the class token after the final norm only"
     if config.num_classes == 0:
