@@ -19,9 +19,9 @@ Axis maps (``idx`` is a row or column index of the logical matrix):
 Prologue: ``A *= AUX`` elementwise (the saved GELU derivative, turning dY into dZ),
 and row sums of A as a second dot, ``A @ ones`` (a bias gradient falls out of the
 weight-gradient GEMM).
-Epilogue: bias, position embedding (token ``m % G``), class-token rows, GELU (erf or
-tanh) or its derivative (saved for backward, or multiplied into an upstream
-gradient). Split-K writes fp32 partial products that the launcher sums.
+Epilogue: bias, position embedding (token ``m % G``), class-token rows, GELU (erf,
+tanh, or CLIP's QuickGELU ``z * sigmoid(1.702 z)``) or its derivative (saved for
+backward, or multiplied into an upstream gradient). Split-K writes fp32 partial products that the launcher sums.
 
 Accumulation is fp32. fp32 inputs use ``input_precision="ieee"``: tf32 (the GPU
 default) has a 10-bit mantissa and could not meet DESIGN.md's ~1e-5 fp32 parity.
@@ -48,8 +48,8 @@ from ._common import INTERPRET, max_shared_mem, sm_count, tuning_candidates
 
 LIN, SPLIT, PATCH, KERN = 0, 1, 2, 3
 ROWSUM_N: tl.constexpr = tl.constexpr(16)  # width of the ones block for row sums (the smallest MMA N)
-ACT_NONE, ACT_ERF, ACT_TANH = 0, 1, 2
-ACTIVATIONS = {"none": ACT_ERF, "tanh": ACT_TANH}  # GELU's `approximate` -> ACT code
+ACT_NONE, ACT_ERF, ACT_TANH, ACT_QUICK = 0, 1, 2, 3
+ACTIVATIONS = {"none": ACT_ERF, "tanh": ACT_TANH, "quick": ACT_QUICK}  # GELU's `approximate` -> ACT code
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -107,11 +107,21 @@ def _tanh(u):
 
 
 @_device
+def _sigmoid(u):
+    # exp of a non-positive argument never overflows; the other side is 1 - sigmoid(|u|).
+    e = tl.exp(-tl.abs(u))
+    r = 1.0 / (1.0 + e)
+    return tl.where(u >= 0, r, e * r)
+
+
+@_device
 def _gelu(z, ACT: tl.constexpr):
     if ACT == 1:
         y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    else:
+    elif ACT == 2:
         y = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    else:
+        y = z * _sigmoid(1.702 * z)
     return y
 
 
@@ -121,9 +131,12 @@ def _gelu_grad(z, ACT: tl.constexpr):
     if ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         g = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    else:
+    elif ACT == 2:
         t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
         g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    else:
+        sig = _sigmoid(1.702 * z)
+        g = sig + 1.702 * z * sig * (1.0 - sig)
     return g
 
 
