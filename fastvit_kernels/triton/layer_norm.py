@@ -451,6 +451,7 @@ def _backward_add_layer_norm(ctx, dnormed, dsummed, _dmean, _drstd):
         return (dx, dx, *_param_grads(ctx, dw, db, 2), None, None)
     dres, dx, dw, db, dg = torch.ops.fastvit_triton.add_layer_norm_scaled_backward(
         dnormed, dsummed, summed, x, gamma, weight, mean, rstd, ctx.has_bias)
+    # (gamma is given, so needs_input_grad has its entry: only a default-valued trailing argument has none)
     return (dx, dres, *_param_grads(ctx, dw, db, 2), None, dg if ctx.needs_input_grad[5] else None)
 
 
