@@ -90,7 +90,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 @dataclass(frozen=True)
 class Sweep:
     """Which workloads to record: shapes x batches x dtypes, and the extra variants
-    (channels-last images, tanh GELU, norms without affine parameters) when ``extras``."""
+    (channels-last images, tanh GELU, norms without affine parameters) when ``extras``.
+    The variants of the ViT families (issue 18: register tokens without positions,
+    LayerScale, QuickGELU) are always recorded."""
 
     shapes: tuple[str, ...]
     batches: tuple[int, ...]
@@ -268,17 +270,28 @@ def _patch_embed(s: Shape, batch: int, dtype, extras: bool):
         grad = _empty(batch, s.tokens, s.dim, dtype=dtype)
         patch_embed_weight_grad(grad, images, weight)
         patch_embed_images_grad(grad, weight, images)
+    # DINOv2 with registers: class + 4 register tokens, positions for the patches only
+    # (the prefix rows without position rows); the gradient GEMMs are the ones above.
+    grid_pos, regs = _empty(1, s.tokens - 1, s.dim, dtype=dtype), _empty(1, 4, s.dim, dtype=dtype)
+    patch_embed_forward(images, weight, bias, grid_pos, cls, regs)
 
 
 def _layer_norms(s: Shape, batch: int, dtype, extras: bool):
-    from fastvit_kernels.triton.layer_norm import layer_norm_backward, layer_norm_forward
+    from fastvit_kernels.triton.layer_norm import (
+        add_layer_norm_scaled_backward,
+        layer_norm_backward,
+        layer_norm_forward,
+    )
     x, r, dy, ds = (_empty(batch, s.tokens, s.dim, dtype=dtype) for _ in range(4))
+    gamma = _empty(s.dim, dtype=dtype)
     affine = [(_empty(s.dim, dtype=dtype), _empty(s.dim, dtype=dtype))] + ([(None, None)] if extras else [])
     for w, b in affine:
         _, _, mean, rstd = layer_norm_forward(x, None, w, b, 1e-6)
         layer_norm_backward(dy, None, x, w, mean, rstd, b is not None)
         _, summed, mean, rstd = layer_norm_forward(x, r, w, b, 1e-6)     # add_layer_norm
         layer_norm_backward(dy, ds, summed, w, mean, rstd, b is not None)
+        _, summed, mean, rstd = layer_norm_forward(x, r, w, b, 1e-6, gamma=gamma)  # with LayerScale
+        add_layer_norm_scaled_backward(dy, ds, summed, x, gamma, w, mean, rstd, b is not None)
 
 
 def _linear_gelu(s: Shape, batch: int, dtype, extras: bool):
@@ -291,7 +304,7 @@ def _linear_gelu(s: Shape, batch: int, dtype, extras: bool):
     x = _empty(batch, s.tokens, s.dim, dtype=dtype)
     weight, bias = _empty(hidden, s.dim, dtype=dtype), _empty(hidden, dtype=dtype)
     grad = _empty(batch, s.tokens, hidden, dtype=dtype)
-    for approximate in ["none"] + (["tanh"] if extras else []):
+    for approximate in ["none", "quick"] + (["tanh"] if extras else []):
         linear_gelu_forward(x, weight, bias, approximate)                          # inference
         _, act_grad = linear_gelu_forward(x, weight, bias, approximate, save_act_grad=True)  # training
         linear_gelu_backward(grad, x, weight, act_grad)
@@ -363,7 +376,7 @@ _CI_ALL_CONFIGS = [
     ("_layer_norm", "bf16", set()),
     ("_gemm_kernel", "bf16", {"ACT_GRAD_OUT"}),                  # training forward, saves GELU'
     ("_gemm_kernel", "bf16", {"EPI_GELU_GRAD"}),                 # recompute backward
-    ("_gemm_kernel", "bf16", {"P=14", "HAS_CLS"}),               # patch-14 forward, K = 588
+    ("_gemm_kernel", "bf16", {"P=14", "HAS_PREFIX"}),            # patch-14 forward, K = 588
     ("_gemm_kernel", "fp32", {"PROLOGUE_SCALE", "ROWSUM_A"}),    # dW + bias grad from saved GELU'
     ("_layer_norm", "fp32", set()),
     # fp32 attention at d = 64 only: its ieee dots at BLOCK_D = 128 take minutes per backward kernel.

@@ -2,7 +2,7 @@
 
 Every operand is addressed through a per-axis index map instead of a plain stride, so
 the same kernel reads a row-major matrix, a transposed one, the token rows of a
-``(B, T, D)`` tensor that skip the class token, or the patches of an NCHW /
+``(B, T, D)`` tensor that skip the prefix tokens, or the patches of an NCHW /
 channels-last image (implicit im2col: nothing is copied to a patch matrix). The
 output is written through the same maps, so the image gradient of a patch embedding
 is stored straight back into image layout.
@@ -19,9 +19,10 @@ Axis maps (``idx`` is a row or column index of the logical matrix):
 Prologue: ``A *= AUX`` elementwise (the saved GELU derivative, turning dY into dZ),
 and row sums of A as a second dot, ``A @ ones`` (a bias gradient falls out of the
 weight-gradient GEMM).
-Epilogue: bias, position embedding (token ``m % G``), class-token rows, GELU (erf or
-tanh) or its derivative (saved for backward, or multiplied into an upstream
-gradient). Split-K writes fp32 partial products that the launcher sums.
+Epilogue: bias, position embedding (token ``m % G``), prefix-token rows (class and
+register tokens, with or without their own positions), GELU (erf,
+tanh, or CLIP's QuickGELU ``z * sigmoid(1.702 z)``) or its derivative (saved for
+backward, or multiplied into an upstream gradient). Split-K writes fp32 partial products that the launcher sums.
 
 Accumulation is fp32. fp32 inputs use ``input_precision="ieee"``: tf32 (the GPU
 default) has a 10-bit mantissa and could not meet DESIGN.md's ~1e-5 fp32 parity.
@@ -48,8 +49,8 @@ from ._common import INTERPRET, max_shared_mem, sm_count, tuning_candidates
 
 LIN, SPLIT, PATCH, KERN = 0, 1, 2, 3
 ROWSUM_N: tl.constexpr = tl.constexpr(16)  # width of the ones block for row sums (the smallest MMA N)
-ACT_NONE, ACT_ERF, ACT_TANH = 0, 1, 2
-ACTIVATIONS = {"none": ACT_ERF, "tanh": ACT_TANH}  # GELU's `approximate` -> ACT code
+ACT_NONE, ACT_ERF, ACT_TANH, ACT_QUICK = 0, 1, 2, 3
+ACTIVATIONS = {"none": ACT_ERF, "tanh": ACT_TANH, "quick": ACT_QUICK}  # GELU's `approximate` -> ACT code
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -107,11 +108,21 @@ def _tanh(u):
 
 
 @_device
+def _sigmoid(u):
+    # exp of a non-positive argument never overflows; the other side is 1 - sigmoid(|u|).
+    e = tl.exp(-tl.abs(u))
+    r = 1.0 / (1.0 + e)
+    return tl.where(u >= 0, r, e * r)
+
+
+@_device
 def _gelu(z, ACT: tl.constexpr):
     if ACT == 1:
         y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    else:
+    elif ACT == 2:
         y = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    else:
+        y = z * _sigmoid(1.702 * z)
     return y
 
 
@@ -121,9 +132,12 @@ def _gelu_grad(z, ACT: tl.constexpr):
     if ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         g = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    else:
+    elif ACT == 2:
         t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
         g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    else:
+        sig = _sigmoid(1.702 * z)
+        g = sig + 1.702 * z * sig * (1.0 - sig)
     return g
 
 
@@ -151,11 +165,13 @@ def _k_tile(acc, rowsum, ones, a_ptrs, b_ptrs, aux_ptrs, a_mask, b_mask, PROLOGU
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr,      # operands; c is the output (fp32 workspace (S, M, N) with split-K)
     aux_ptr,                  # A-shaped prologue scale, or C-shaped upstream gradient (EPI_GELU_GRAD)
-    bias_ptr, pos_ptr, cls_ptr,
+    bias_ptr, pos_ptr,
+    prefix_ptr,               # (NUM_PREFIX, N) contiguous prefix-token rows (HAS_PREFIX)
     c2_ptr,                   # second output with C's layout: GELU'(pre-activation) (ACT_GRAD_OUT)
     rowsum_ptr,               # (S, M) fp32 row sums of prologue(A) (ROWSUM_A)
     M, N, K,
     G, GW, NUM_IMAGES,        # geometry: tokens (patches) per image, grid width, images
+    NUM_PREFIX,               # prefix tokens before each image's patch tokens (HAS_PREFIX)
     sa_r0, sa_r1, sa_c0, sa_c1,  # A's row / column map strides
     sb_r0, sb_r1, sb_c0, sb_c1,
     sc_r0, sc_r1, sc_c0, sc_c1, sc_split,
@@ -165,7 +181,8 @@ def _gemm_kernel(
     A_ROW: tl.constexpr, A_COL: tl.constexpr, B_ROW: tl.constexpr, B_COL: tl.constexpr,
     C_ROW: tl.constexpr, C_COL: tl.constexpr, P: tl.constexpr,
     PROLOGUE_SCALE: tl.constexpr, ROWSUM_A: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_CLS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, PREFIX_POS: tl.constexpr,  # prefix rows; they get pos rows too
     ACT: tl.constexpr, ACT_GRAD_OUT: tl.constexpr, EPI_GELU_GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -265,17 +282,20 @@ def _gemm_kernel(
         acc = _gelu(acc, ACT)
     tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
-    if HAS_CLS:
-        # Row 0 of every image (one token stride before c / pos, which point at token 1):
-        # cls_token + pos_embed[0], written by the first row block.
-        if pid_m == 0:
-            cls_val = (tl.load(cls_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
-                       + tl.load(pos_ptr - s_pos_r + rn * s_pos_c, mask=mask_n, other=0.0).to(tl.float32))
-            cls_val = cls_val.to(c_ptr.dtype.element_ty)
-            cls_ptrs = c_ptr - sc_r1 + rn * sc_c0
-            for _ in range(0, _bound(NUM_IMAGES)):
-                tl.store(cls_ptrs, cls_val, mask=mask_n)
-                cls_ptrs += sc_r0  # pointer steps: 64-bit, however large the batch
+    if HAS_PREFIX:
+        # Prefix row j of image b sits NUM_PREFIX - j token strides before the image's first
+        # patch token (where c points), its position as many rows before pos (PREFIX_POS).
+        # The (image, row) pairs are dealt out to the row blocks: a ViT has more row blocks
+        # than prefix rows in the batch, so a program writes one row, or none.
+        for t in range(_bound(pid_m), _bound(NUM_IMAGES * NUM_PREFIX), _bound(num_pid_m)):
+            img = t // NUM_PREFIX
+            j = t % NUM_PREFIX
+            val = tl.load(prefix_ptr + j * N + rn, mask=mask_n, other=0.0).to(tl.float32)
+            if PREFIX_POS:
+                val += tl.load(pos_ptr + (j - NUM_PREFIX) * s_pos_r + rn * s_pos_c,
+                               mask=mask_n, other=0.0).to(tl.float32)
+            row = c_ptr + tl.cast(img, tl.int64) * sc_r0 + (j - NUM_PREFIX) * sc_r1
+            tl.store(row + rn * sc_c0, val.to(c_ptr.dtype.element_ty), mask=mask_n)
 
 
 # -------------------------------------------------------------------------- autotuning
@@ -338,7 +358,7 @@ def smem_estimate(c: triton.Config, element_size: int, prologue_scale: bool) -> 
 
 
 def _fused_epilogue(args) -> bool:
-    return (any(args.get(f) for f in ("PROLOGUE_SCALE", "HAS_BIAS", "HAS_POS", "HAS_CLS", "ACT",
+    return (any(args.get(f) for f in ("PROLOGUE_SCALE", "HAS_BIAS", "HAS_POS", "HAS_PREFIX", "ACT",
                                       "ACT_GRAD_OUT", "EPI_GELU_GRAD"))
             or args.get("P", 1) > 1)
 
@@ -370,7 +390,7 @@ def _prune(configs, named_args, **kwargs):
 _gemm = triton.autotune(
     configs=_CONFIGS,
     key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "A_ROW", "A_COL", "B_ROW", "B_COL", "C_ROW", "C_COL",
-         "P", "PROLOGUE_SCALE", "ROWSUM_A", "HAS_BIAS", "HAS_POS", "HAS_CLS", "ACT",
+         "P", "PROLOGUE_SCALE", "ROWSUM_A", "HAS_BIAS", "HAS_POS", "HAS_PREFIX", "PREFIX_POS", "ACT",
          "ACT_GRAD_OUT", "EPI_GELU_GRAD"],
     prune_configs_by={"early_config_prune": _prune},
 )(_gemm_kernel)
@@ -450,7 +470,8 @@ def choose_splits(m: int, n: int, k: int, device: torch.device) -> int:
 def gemm(a: Operand, b: Operand, c: Operand, m: int, n: int, k: int, *,
          geometry: Geometry = Geometry(), aux: Operand | None = None, prologue_scale: bool = False,
          rowsum: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-         pos: Operand | None = None, cls: torch.Tensor | None = None, act: int = ACT_NONE,
+         pos: Operand | None = None, prefix: torch.Tensor | None = None, prefix_pos: bool = False,
+         act: int = ACT_NONE,
          act_grad_out: torch.Tensor | None = None, epi_gelu_grad: bool = False,
          splits: int = 1) -> None:
     """``c = epilogue(prologue(a) @ b)`` for an (m, k) ``a`` and (k, n) ``b``, written in place.
@@ -458,8 +479,9 @@ def gemm(a: Operand, b: Operand, c: Operand, m: int, n: int, k: int, *,
     aux: A-shaped scale multiplied into A (``prologue_scale``) or C-shaped upstream
     gradient (``epi_gelu_grad``: c = aux * GELU'(a @ b + bias)). rowsum: (m,) tensor
     receiving the row sums of prologue(a). pos: (G, n) position rows added to row
-    ``i`` at ``i % G``; cls: (n,) class token, with pos / c pointing one token past
-    row 0 of each image. act_grad_out: tensor shaped like c receiving GELU'.
+    ``i`` at ``i % G``; prefix: (n_prefix, n) contiguous rows written before each image's
+    G rows of c (c points at the image's first patch row), plus the n_prefix rows before
+    pos when ``prefix_pos``. act_grad_out: tensor shaped like c receiving GELU'.
     splits: split-K factor; with more than one, c must be an fp32 (splits, m, n)
     workspace and nothing but rowsum may be fused (``gemm_split_sum`` wraps this).
     ``rowsum`` is then summed over the splits here.
@@ -469,7 +491,7 @@ def gemm(a: Operand, b: Operand, c: Operand, m: int, n: int, k: int, *,
     device = a.tensor.device
     if splits > 1:
         ws = c.tensor
-        fused = any(f is not None for f in (bias, pos, cls, act_grad_out)) or act != ACT_NONE or epi_gelu_grad
+        fused = any(f is not None for f in (bias, pos, prefix, act_grad_out)) or act != ACT_NONE or epi_gelu_grad
         if ws.dtype != torch.float32 or tuple(ws.shape) != (splits, m, n) or fused:
             raise ValueError(f"split-K needs an fp32 ({splits}, {m}, {n}) workspace and no fused "
                              f"epilogue, got {ws.dtype} {tuple(ws.shape)}, fused epilogue: {fused}")
@@ -488,17 +510,18 @@ def gemm(a: Operand, b: Operand, c: Operand, m: int, n: int, k: int, *,
 
     _gemm[grid](
         a.tensor, b.tensor, c.tensor, aux_t,
-        bias if bias is not None else c.tensor, pos_t, cls if cls is not None else c.tensor,
+        bias if bias is not None else c.tensor, pos_t, prefix if prefix is not None else c.tensor,
         act_grad_out if act_grad_out is not None else c.tensor,
         rowsum_ws if rowsum_ws is not None else c.tensor,
-        m, n, k, g.tokens, g.grid_w, g.images,
+        m, n, k, g.tokens, g.grid_w, g.images, prefix.shape[0] if prefix is not None else 0,
         *a.row_strides, *a.col_strides, *b.row_strides, *b.col_strides,
         *c.row_strides, *c.col_strides, c.tensor.stride(0) if splits > 1 else 0,
         *aux_s, *pos_s, g.s_h, g.s_w,
         _bucket(m), _bucket(n), _bucket(k),
         A_ROW=a.row, A_COL=a.col, B_ROW=b.row, B_COL=b.col, C_ROW=c.row, C_COL=c.col, P=g.patch,
         PROLOGUE_SCALE=prologue_scale, ROWSUM_A=rowsum is not None,
-        HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_CLS=cls is not None,
+        HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_PREFIX=prefix is not None,
+        PREFIX_POS=prefix_pos,
         ACT=act, ACT_GRAD_OUT=act_grad_out is not None, EPI_GELU_GRAD=epi_gelu_grad,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )

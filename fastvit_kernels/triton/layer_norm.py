@@ -1,9 +1,10 @@
 """LayerNorm and fused residual-add + LayerNorm in Triton, forward and backward.
 
 ``layer_norm(x, weight, bias, eps)`` normalizes over the last dimension;
-``add_layer_norm(x, residual, weight, bias, eps)`` returns ``(layer_norm(s), s)`` with
-``s = x + residual`` computed in the same pass (the pre-norm ViT block's residual
-stream). Both are differentiable; ``weight`` and ``bias`` may be None.
+``add_layer_norm(x, residual, weight, bias, eps, gamma)`` returns ``(layer_norm(s), s)``
+with ``s = residual + gamma * x`` computed in the same pass (the pre-norm ViT block's
+residual stream; ``gamma`` is LayerScale, or None for ``s = residual + x``). Both are
+differentiable; ``weight``, ``bias`` and ``gamma`` may be None.
 
 Numerics: every row is loaded once, upcast to fp32, and the mean and rstd are
 computed (two-pass, in registers) and saved in fp32 for the backward. Outputs are
@@ -12,8 +13,11 @@ the input dtype before it is normalized, so ``normed == layer_norm(summed)`` exa
 as the reference defines it, and the backward recomputes x-hat from that ``summed``.
 The backward writes dx per row and accumulates dweight/dbias per *group* of rows into
 an fp32 partial buffer (one row of it per program, so no atomics and no races), then
-reduces the partials with one ``sum``. The gradient of ``add_layer_norm`` reaches
-``x`` and ``residual`` alike: d(normed) through the norm plus d(summed).
+reduces the partials with one ``sum``. The gradient of ``add_layer_norm``'s sum,
+dS = d(normed) through the norm plus d(summed), is residual's; without gamma it is x's
+too, with gamma x gets gamma * dS and gamma the column sums of x * dS, a third
+partial buffer beside dweight's and dbias's. A constexpr flag keeps all of it out of
+the kernels without gamma.
 
 Layouts: any number of leading dimensions and rows (0 included; rows beyond what a
 grid dimension allows are looped inside programs), offsets in int64. A tensor whose
@@ -29,7 +33,8 @@ bf16, the same as the torch backend. (``F.layer_norm`` returns fp32 under CUDA
 autocast; keeping the activation dtype is what a bf16 model wants.)
 
 Registered as ``torch.ops.fastvit_triton.layer_norm`` / ``add_layer_norm`` (returning
-the fp32 mean and rstd too) and ``layer_norm_backward``, with fake kernels and
+the fp32 mean and rstd too), ``layer_norm_backward`` and ``add_layer_norm_scaled_backward``
+(with gamma), with fake kernels and
 autograd, so ``torch.compile(fullgraph=True)`` traces them.
 """
 
@@ -62,11 +67,13 @@ def _layer_norm_fwd_kernel(
     X, x_inner, x_so, x_si,          # input rows (two-level row strides, unit column stride)
     R, r_inner, r_so, r_si,          # residual rows (read only when HAS_RESIDUAL)
     Y,                               # normed output, contiguous (n_rows, n_cols)
-    S,                               # summed output x + residual, contiguous (HAS_RESIDUAL)
+    S,                               # summed output residual + gamma * x, contiguous (HAS_RESIDUAL)
     W, B,                            # weight / bias (n_cols,), read when HAS_WEIGHT / HAS_BIAS
+    G,                               # LayerScale gamma (n_cols,), read when HAS_GAMMA
     Mean, Rstd,                      # fp32 statistics (n_rows,), saved for the backward
     n_rows, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,         # only with HAS_RESIDUAL
     BLOCK_SIZE: tl.constexpr,        # >= n_cols: a whole row is in registers
     ROWS: tl.constexpr,              # rows per tile (several when rows are narrow)
 ):
@@ -79,6 +86,8 @@ def _layer_norm_fwd_kernel(
         w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         b = tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
+    if HAS_GAMMA:
+        g = tl.load(G + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
     # Tiles are strided over the programs, so any number of rows fits any grid size.
     for tile in range(pid, tl.cdiv(n_rows, ROWS), nprog):
         rows = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)  # int64: offsets may pass 2**31
@@ -92,7 +101,10 @@ def _layer_norm_fwd_kernel(
                         mask=mask, other=0.0)
             # Round the sum to the storage dtype first: normed must be LN(summed) as stored,
             # which is also what the backward reads back.
-            s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+            if HAS_GAMMA:  # one rounding of the fp32 residual + gamma * x
+                s = (r.to(tl.float32) + g * x.to(tl.float32)).to(x.dtype)
+            else:
+                s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
             tl.store(S + out, s, mask=mask)
             x = s
         x = x.to(tl.float32)
@@ -115,12 +127,16 @@ def _layer_norm_bwd_kernel(
     X, x_inner, x_so, x_si,          # the normalized input (summed, for add_layer_norm)
     DY, dy_inner, dy_so, dy_si,      # gradient of the normed output
     DS, ds_inner, ds_so, ds_si,      # gradient of the summed output (HAS_DSUM)
+    XB, xb_inner, xb_so, xb_si,      # add_layer_norm's x, the branch gamma scales (HAS_GAMMA)
     DX,                              # gradient of the input, contiguous (n_rows, n_cols)
+    DXB,                             # gradient of the branch, gamma * DX, contiguous (HAS_GAMMA)
     W,                               # weight (HAS_WEIGHT)
+    G,                               # LayerScale gamma (HAS_GAMMA)
     Mean, Rstd,                      # fp32 statistics from the forward
-    DW_partial, DB_partial,          # fp32 (n_programs, n_cols): this program's column sums
+    DW_partial, DB_partial, DG_partial,  # fp32 (n_programs, n_cols): this program's column sums
     n_rows, n_cols,
     HAS_DSUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -132,6 +148,9 @@ def _layer_norm_bwd_kernel(
         dw = tl.zeros((ROWS, BLOCK_SIZE), dtype=tl.float32)
     if HAS_BIAS:
         db = tl.zeros((ROWS, BLOCK_SIZE), dtype=tl.float32)
+    if HAS_GAMMA:
+        g = tl.load(G + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
+        dg = tl.zeros((ROWS, BLOCK_SIZE), dtype=tl.float32)
     for tile in range(pid, tl.cdiv(n_rows, ROWS), nprog):
         rows = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < n_rows
@@ -158,13 +177,21 @@ def _layer_norm_bwd_kernel(
             ds = tl.load(DS + _row_offset(rows, ds_inner, ds_so, ds_si)[:, None] + cols[None, :],
                          mask=mask, other=0.0)
             dx += ds.to(tl.float32)
-        tl.store(DX + rows[:, None] * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        out = rows[:, None] * n_cols + cols[None, :]
+        tl.store(DX + out, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_GAMMA:  # d(residual + gamma * xb): dx for residual, gamma * dx for xb
+            xb = tl.load(XB + _row_offset(rows, xb_inner, xb_so, xb_si)[:, None] + cols[None, :],
+                         mask=mask, other=0.0)
+            tl.store(DXB + out, (g * dx).to(DXB.dtype.element_ty), mask=mask)
+            dg += xb.to(tl.float32) * dx
     # One partial row per program: no two programs write the same place, no atomics.
     partial = tl.cast(pid, tl.int64) * n_cols + cols
     if HAS_WEIGHT:
         tl.store(DW_partial + partial, tl.sum(dw, axis=0), mask=cols < n_cols)
     if HAS_BIAS:
         tl.store(DB_partial + partial, tl.sum(db, axis=0), mask=cols < n_cols)
+    if HAS_GAMMA:
+        tl.store(DG_partial + partial, tl.sum(dg, axis=0), mask=cols < n_cols)
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -225,12 +252,14 @@ def _check(x: torch.Tensor, *others: Optional[torch.Tensor]) -> None:
         assert t is None or (t.dtype == x.dtype and t.device == x.device), (t.dtype, t.device)
 
 
-def layer_norm_forward(x, residual, weight, bias, eps: float, *, rows_per_tile: Optional[int] = None,
+def layer_norm_forward(x, residual, weight, bias, eps: float, *, gamma=None, rows_per_tile: Optional[int] = None,
                        max_programs: int = MAX_PROGRAMS):
     """Run the forward kernel. Returns (normed, summed or None, mean, rstd): normed and
-    summed have x's shape and dtype, mean/rstd are fp32 of shape (rows,).
+    summed (``residual + gamma * x``, gamma only with a residual) have x's shape and
+    dtype, mean/rstd are fp32 of shape (rows,).
     ``rows_per_tile`` / ``max_programs`` override the launch settings (tests)."""
-    _check(x, residual, weight, bias)
+    _check(x, residual, weight, bias, gamma)
+    assert gamma is None or residual is not None, "gamma scales x in the residual sum"
     n_cols = x.shape[-1]
     n_rows = x.numel() // n_cols
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -245,11 +274,11 @@ def layer_norm_forward(x, residual, weight, bias, eps: float, *, rows_per_tile: 
     rr = _rows(residual) if residual is not None else xr
     _layer_norm_fwd_kernel[(min(triton.cdiv(n_rows, rows), max_programs),)](
         *xr, *rr, y, summed if summed is not None else y,
-        # an absent weight/bias is never read (its HAS_* flag is off); any pointer will do
-        weight if weight is not None else x, bias if bias is not None else x,
+        # an absent weight/bias/gamma is never read (its HAS_* flag is off); any pointer will do
+        weight if weight is not None else x, bias if bias is not None else x, gamma if gamma is not None else x,
         mean, rstd, n_rows, n_cols, eps,
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, BLOCK_SIZE=block, ROWS=rows, num_warps=num_warps,
+        HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, BLOCK_SIZE=block, ROWS=rows, num_warps=num_warps,
     )
     return y, summed, mean, rstd
 
@@ -260,36 +289,53 @@ def layer_norm_backward(dy, dsummed, x, weight, mean, rstd, has_bias: bool, *,
     (``summed`` for add_layer_norm) and ``dsummed`` the gradient of the summed output
     (None for layer_norm). Returns (dx, dweight or None, dbias or None).
     ``rows_per_tile`` / ``groups`` override the launch settings (tests)."""
-    _check(x, dy, dsummed, weight)
+    dx, dw, db, _, _ = _backward(dy, dsummed, x, weight, mean, rstd, has_bias, None, None, rows_per_tile, groups)
+    return dx, dw, db
+
+
+def add_layer_norm_scaled_backward(dnormed, dsummed, summed, branch, gamma, weight, mean, rstd, has_bias: bool, *,
+                                   rows_per_tile: Optional[int] = None, groups: Optional[int] = None):
+    """The backward of ``summed = residual + gamma * branch`` followed by the norm.
+    Returns (dresidual, dbranch, dweight or None, dbias or None, dgamma)."""
+    dres, dw, db, dbranch, dgamma = _backward(dnormed, dsummed, summed, weight, mean, rstd, has_bias, branch,
+                                              gamma, rows_per_tile, groups)
+    return dres, dbranch, dw, db, dgamma
+
+
+def _backward(dy, dsummed, x, weight, mean, rstd, has_bias, branch, gamma, rows_per_tile, groups):
+    """Both launchers above: (dx, dweight, dbias, dbranch, dgamma), the last two None without gamma."""
+    _check(x, dy, dsummed, weight, branch, gamma)
+    assert (branch is None) == (gamma is None), "branch and gamma come together"
     n_cols = x.shape[-1]
     n_rows = x.numel() // n_cols
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dbranch = torch.empty(x.shape, dtype=x.dtype, device=x.device) if gamma is not None else None
     dtype = weight.dtype if weight is not None else x.dtype
+    # (whether, dtype) of the column-sum gradients: weight, bias, gamma
+    sums = [(weight is not None, dtype), (has_bias, dtype), (gamma is not None, x.dtype)]
     if n_rows == 0:
-        dw = torch.zeros(n_cols, dtype=dtype, device=x.device) if weight is not None else None
-        db = torch.zeros(n_cols, dtype=dtype, device=x.device) if has_bias else None
-        return dx, dw, db
+        dw, db, dg = (torch.zeros(n_cols, dtype=t, device=x.device) if on else None for on, t in sums)
+        return dx, dw, db, dbranch, dg
     block, rows, num_warps = launch_settings(n_cols, n_rows, x.device)
     rows = rows_per_tile or rows
     groups = min(groups or backward_groups(x.device), triton.cdiv(n_rows, rows), MAX_PROGRAMS)
-    dw_partial = torch.empty((groups, n_cols), dtype=torch.float32, device=x.device) if weight is not None else None
-    db_partial = torch.empty((groups, n_cols), dtype=torch.float32, device=x.device) if has_bias else None
+    partials = [torch.empty((groups, n_cols), dtype=torch.float32, device=x.device) if on else None
+                for on, _ in sums]
     xr = _rows(x)
     dyr = _rows(dy)
     dsr = _rows(dsummed) if dsummed is not None else dyr
+    br = _rows(branch) if branch is not None else xr
     _layer_norm_bwd_kernel[(groups,)](
-        *xr, *dyr, *dsr, dx,
-        weight if weight is not None else x, mean, rstd,
-        dw_partial if dw_partial is not None else mean,
-        db_partial if db_partial is not None else mean,
+        *xr, *dyr, *dsr, *br, dx, dbranch if dbranch is not None else dx,
+        weight if weight is not None else x, gamma if gamma is not None else x, mean, rstd,
+        *(p if p is not None else mean for p in partials),
         n_rows, n_cols,
         HAS_DSUM=dsummed is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
-        BLOCK_SIZE=block, ROWS=rows, num_warps=num_warps,
+        HAS_GAMMA=gamma is not None, BLOCK_SIZE=block, ROWS=rows, num_warps=num_warps,
     )
     # The cross-group reduction: a few hundred fp32 rows, small next to the rows read.
-    dw = dw_partial.sum(0).to(dtype) if dw_partial is not None else None
-    db = db_partial.sum(0).to(dtype) if db_partial is not None else None
-    return dx, dw, db
+    dw, db, dg = (p.sum(0).to(t) if p is not None else None for p, (_, t) in zip(partials, sums))
+    return dx, dw, db, dbranch, dg
 
 
 # --------------------------------------------------------------- torch.library glue
@@ -305,9 +351,9 @@ def _layer_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
 
 @torch.library.custom_op("fastvit_triton::add_layer_norm", mutates_args=())
 def _add_layer_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
-                       bias: Optional[torch.Tensor], eps: float
+                       bias: Optional[torch.Tensor], eps: float, gamma: Optional[torch.Tensor] = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_forward(x, residual, weight, bias, eps)
+    return layer_norm_forward(x, residual, weight, bias, eps, gamma=gamma)
 
 
 @torch.library.custom_op("fastvit_triton::layer_norm_backward", mutates_args=())
@@ -317,6 +363,17 @@ def _layer_norm_backward_op(dy: torch.Tensor, dsummed: Optional[torch.Tensor], x
     dx, dw, db = layer_norm_backward(dy, dsummed, x, weight, mean, rstd, has_bias)
     empty = x.new_empty(_EMPTY)
     return dx, (dw if dw is not None else empty), (db if db is not None else empty.clone())
+
+
+@torch.library.custom_op("fastvit_triton::add_layer_norm_scaled_backward", mutates_args=())
+def _add_layer_norm_scaled_backward_op(
+        dnormed: torch.Tensor, dsummed: torch.Tensor, summed: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor,
+        weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dres, dx, dw, db, dg = add_layer_norm_scaled_backward(dnormed, dsummed, summed, x, gamma, weight, mean, rstd,
+                                                          has_bias)
+    empty = summed.new_empty(_EMPTY)
+    return dres, dx, (dw if dw is not None else empty), (db if db is not None else empty.clone()), dg
 
 
 def _stats_like(x):
@@ -330,25 +387,35 @@ def _(x, weight, bias, eps):
 
 
 @_add_layer_norm_op.register_fake
-def _(x, residual, weight, bias, eps):
+def _(x, residual, weight, bias, eps, gamma=None):
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     return out, torch.empty_like(out), _stats_like(x), _stats_like(x)
 
 
-@_layer_norm_backward_op.register_fake
-def _(dy, dsummed, x, weight, mean, rstd, has_bias):
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+def _param_grads_fake(x, weight, has_bias):
     dtype = weight.dtype if weight is not None else x.dtype
     width = x.shape[-1:]
-    dw = x.new_empty(width if weight is not None else _EMPTY, dtype=dtype)
-    db = x.new_empty(width if has_bias else _EMPTY, dtype=dtype)
-    return dx, dw, db
+    return (x.new_empty(width if weight is not None else _EMPTY, dtype=dtype),
+            x.new_empty(width if has_bias else _EMPTY, dtype=dtype))
 
 
-def _grads(ctx, dx, dw, db):
-    """(dx, dweight, dbias) with None where there is no parameter or no grad is needed."""
+@_layer_norm_backward_op.register_fake
+def _(dy, dsummed, x, weight, mean, rstd, has_bias):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), *_param_grads_fake(x, weight, has_bias)
+
+
+@_add_layer_norm_scaled_backward_op.register_fake
+def _(dnormed, dsummed, summed, x, gamma, weight, mean, rstd, has_bias):
+    dres = torch.empty_like(summed, memory_format=torch.contiguous_format)
+    return dres, torch.empty_like(dres), *_param_grads_fake(summed, weight, has_bias), torch.empty_like(gamma)
+
+
+def _param_grads(ctx, dw, db, weight_index):
+    """(dweight, dbias) with None where there is no parameter or no grad is needed;
+    ``weight_index``: the weight's position among the op's inputs (bias follows it)."""
     needs = ctx.needs_input_grad
-    return dx, (dw if ctx.has_weight and needs[-3] else None), (db if ctx.has_bias and needs[-2] else None)
+    return (dw if ctx.has_weight and needs[weight_index] else None,
+            db if ctx.has_bias and needs[weight_index + 1] else None)
 
 
 def _setup_layer_norm(ctx, inputs, output):
@@ -362,25 +429,30 @@ def _setup_layer_norm(ctx, inputs, output):
 def _backward_layer_norm(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dw, db = torch.ops.fastvit_triton.layer_norm_backward(dy, None, x, weight, mean, rstd, ctx.has_bias)
-    return (*_grads(ctx, dx, dw, db), None)
+    return (dx, *_param_grads(ctx, dw, db, 1), None)
 
 
 def _setup_add_layer_norm(ctx, inputs, output):
-    _, _, weight, bias, _ = inputs
+    x, _, weight, bias, _, gamma = inputs
     _, summed, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(summed, weight, mean, rstd)
+    # x is kept only for gamma's gradient
+    ctx.save_for_backward(summed, weight, mean, rstd, x if gamma is not None else None, gamma)
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
 
 
 def _backward_add_layer_norm(ctx, dnormed, dsummed, _dmean, _drstd):
-    summed, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = torch.ops.fastvit_triton.layer_norm_backward(
-        dnormed, dsummed, summed, weight, mean, rstd, ctx.has_bias)
-    dx, dw, db = _grads(ctx, dx, dw, db)
-    # x and residual enter only through their sum, so both get the same gradient
-    # (autograd copies before accumulating into an aliased .grad, as for x + y).
-    return dx, dx, dw, db, None
+    summed, weight, mean, rstd, x, gamma = ctx.saved_tensors
+    if gamma is None:
+        dx, dw, db = torch.ops.fastvit_triton.layer_norm_backward(
+            dnormed, dsummed, summed, weight, mean, rstd, ctx.has_bias)
+        # x and residual enter only through their sum, so both get the same gradient
+        # (autograd copies before accumulating into an aliased .grad, as for x + y).
+        return (dx, dx, *_param_grads(ctx, dw, db, 2), None, None)
+    dres, dx, dw, db, dg = torch.ops.fastvit_triton.add_layer_norm_scaled_backward(
+        dnormed, dsummed, summed, x, gamma, weight, mean, rstd, ctx.has_bias)
+    # (gamma is given, so needs_input_grad has its entry: only a default-valued trailing argument has none)
+    return (dx, dres, *_param_grads(ctx, dw, db, 2), None, dg if ctx.needs_input_grad[5] else None)
 
 
 _layer_norm_op.register_autograd(_backward_layer_norm, setup_context=_setup_layer_norm)
@@ -394,8 +466,9 @@ def layer_norm(x, weight, bias, eps: float = 1e-6):
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float = 1e-6, gamma=None):
-    """``(layer_norm(x + residual), x + residual)`` in one pass over the rows."""
-    normed, summed, _, _ = torch.ops.fastvit_triton.add_layer_norm(x, residual, weight, bias, eps)
+    """``(layer_norm(residual + gamma * x), residual + gamma * x)`` in one pass over the
+    rows; no gamma: ``residual + x``."""
+    normed, summed, _, _ = torch.ops.fastvit_triton.add_layer_norm(x, residual, weight, bias, eps, gamma)
     return normed, summed
 
 
@@ -412,10 +485,4 @@ def _unsupported(x=None, *_args, **_kwargs) -> Optional[str]:
     return None
 
 
-def _add_unsupported(x=None, residual=None, weight=None, bias=None, eps=None, gamma=None) -> Optional[str]:
-    if gamma is not None:
-        return "LayerScale (gamma) is not implemented yet"  # TODO(issue 18)
-    return _unsupported(x)
-
-
-SUPPORTS = {"layer_norm": _unsupported, "add_layer_norm": _add_unsupported}
+SUPPORTS = {"layer_norm": _unsupported, "add_layer_norm": _unsupported}

@@ -3,9 +3,10 @@
 The kernel is the shared GEMM core in ``gemm.py``; this file holds the launchers and
 the torch.library glue.
 
-Forward: bias and GELU (erf or tanh) in the epilogue. When a backward will follow, the
-same epilogue also stores GELU'(z) (z = the pre-activation, fp32 in registers) in the
-input dtype, so the backward needs no erf at all: dZ = dY * GELU'(z) is a multiply in
+Forward: bias and GELU in the epilogue: exact erf (``approximate="none"``), tanh, or
+CLIP's QuickGELU ``z * sigmoid(1.702 z)`` (``"quick"``). When a backward will follow,
+the same epilogue also stores GELU'(z) (z = the pre-activation, fp32 in registers) in
+the input dtype, so the backward needs no erf at all: dZ = dY * GELU'(z) is a multiply in
 the prologue of both backward GEMMs (dX = dZ @ W and dW = dZ^T @ X), dZ never goes to
 memory, and the bias gradient is the row sum of dZ^T taken inside the dW GEMM.
 Without a saved GELU', as for the inference op called under autograd, the backward
@@ -162,10 +163,4 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None, approximate: str
     return torch.ops.fastvit_triton.linear_gelu(x, weight, bias, approximate)
 
 
-def _unsupported(x=None, weight=None, bias=None, approximate="none") -> str | None:
-    if approximate == "quick":
-        return "QuickGELU is not implemented yet"  # TODO(issue 18)
-    return dot_op_unsupported(x, weight, bias, approximate)
-
-
-SUPPORTS = {"linear_gelu": _unsupported}
+SUPPORTS = {"linear_gelu": dot_op_unsupported}

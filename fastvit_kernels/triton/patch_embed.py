@@ -1,19 +1,22 @@
-"""patch_embed on Triton: patchify + projection + class token + position embedding, one GEMM.
+"""patch_embed on Triton: patchify + projection + prefix tokens + position embedding, one GEMM.
 
 The kernel is the shared GEMM core in ``gemm.py``; this file holds the launchers and
 the torch.library glue.
 
 Forward: A is the (B*G, C*P*P) patch matrix read straight from the image (NCHW or
 channels-last, any strides; no im2col copy), B the Conv2d weight viewed as (C*P*P, D);
-the epilogue adds the bias and pos_embed[1 + token] and stores into tokens 1.. of the
-(B, T, D) output, and the first row block also writes token 0 of every image as
-cls_token + pos_embed[0].
+the epilogue adds the bias and the patch's position row and stores into tokens
+n_prefix.. of the (B, T, D) output. The prefix tokens (the class token, then the
+register tokens) are written by the same launch, their (image, row) pairs dealt out
+to the row blocks: prefix token + its position row when pos_embed has rows for them,
+the bare prefix token when it has rows for the patches only (timm's ``no_embed_class``).
 
-Backward: pos_embed's gradient is dOut summed over the batch (fp32); the class token's
-is its row 0 and the bias's the sum of its other rows, so one reduction gives all
-three. dW = dOut_rows^T @ patches reads both operands in place (split-K when the batch
-is long and D small). dImages = dOut_rows @ W is stored through the patch map straight
-into the image layout (patches do not overlap, so every pixel is written once).
+Backward: pos_embed's gradient is dOut summed over the batch (fp32), less the prefix
+rows when they have no position; the prefix tokens' are its first rows and the bias's
+the sum of the patch rows, so one reduction gives them all. dW = dOut_rows^T @ patches
+reads both operands in place (split-K when the batch is long and D small). dImages =
+dOut_rows @ W is stored through the patch map straight into the image layout (patches
+do not overlap, so every pixel is written once).
 """
 
 from __future__ import annotations
@@ -45,19 +48,30 @@ def _weight_rows(weight: Tensor) -> Tensor:
     return padded
 
 
+def _prefix_rows(cls_token: Tensor | None, reg_tokens: Tensor | None, dim: int) -> Tensor | None:
+    """The prefix tokens as one contiguous (n_prefix, D) matrix: a view of the one
+    given, or a copy of the two (n_prefix * D elements)."""
+    rows = [t.reshape(-1, dim) for t in (cls_token, reg_tokens) if t is not None]
+    if not rows:
+        return None
+    return rows[0].contiguous() if len(rows) == 1 else torch.cat(rows)
+
+
 def patch_embed_forward(images: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: Tensor,
-                        cls_token: Tensor | None = None) -> Tensor:
-    """(B, T, D) tokens; see ``fastvit_kernels.patch_embed`` for the argument shapes."""
+                        cls_token: Tensor | None = None, reg_tokens: Tensor | None = None) -> Tensor:
+    """(B, n_prefix + G, D) tokens; see ``fastvit_kernels.patch_embed`` for the argument shapes."""
     batch, chans = images.shape[:2]
     dim, _, patch, _ = weight.shape
     geo = Geometry.of(images, patch)
-    has_cls = int(cls_token is not None)
-    tokens = geo.tokens + has_cls
-    out = images.new_empty(batch, tokens, dim)
-    pos = pos_embed.reshape(tokens, dim)
-    gemm(patches(images), matrix(_weight_rows(weight)).t(), token_rows(out[:, has_cls:]),
+    prefix = _prefix_rows(cls_token, reg_tokens, dim)
+    n_prefix = prefix.shape[0] if prefix is not None else 0
+    out = images.new_empty(batch, n_prefix + geo.tokens, dim)
+    pos = pos_embed.reshape(-1, dim)
+    # pos has n_prefix rows for the prefix tokens first, or rows for the patches only
+    pos_rows = pos.shape[0] - geo.tokens
+    gemm(patches(images), matrix(_weight_rows(weight)).t(), token_rows(out[:, n_prefix:]),
          batch * geo.tokens, dim, chans * patch * patch, geometry=geo, bias=bias,
-         pos=matrix(pos[has_cls:]), cls=cls_token.reshape(dim) if has_cls else None)
+         pos=matrix(pos[pos_rows:]), prefix=prefix, prefix_pos=pos_rows > 0)
     return out
 
 
@@ -65,9 +79,9 @@ def patch_embed_weight_grad(grad: Tensor, images: Tensor, weight: Tensor) -> Ten
     """d loss / d weight, (D, C, P, P), from the (B, T, D) output gradient."""
     dim, chans, patch, _ = weight.shape
     geo = Geometry.of(images, patch)
-    has_cls = grad.shape[1] - geo.tokens
+    n_prefix = grad.shape[1] - geo.tokens
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    gemm_split_sum(token_rows(grad[:, has_cls:]).t(), patches(images), dw.view(dim, -1),
+    gemm_split_sum(token_rows(grad[:, n_prefix:]).t(), patches(images), dw.view(dim, -1),
                    dim, chans * patch * patch, images.shape[0] * geo.tokens, geometry=geo)
     return dw
 
@@ -77,8 +91,8 @@ def patch_embed_images_grad(grad: Tensor, weight: Tensor, images: Tensor) -> Ten
     dim, chans, patch, _ = weight.shape
     d_images = torch.empty_like(images)
     geo = Geometry.of(d_images, patch)
-    has_cls = grad.shape[1] - geo.tokens
-    gemm(token_rows(grad[:, has_cls:]), matrix(_weight_rows(weight)), patches(d_images),
+    n_prefix = grad.shape[1] - geo.tokens
+    gemm(token_rows(grad[:, n_prefix:]), matrix(_weight_rows(weight)), patches(d_images),
          images.shape[0] * geo.tokens, chans * patch * patch, dim, geometry=geo)
     return d_images
 
@@ -86,8 +100,8 @@ def patch_embed_images_grad(grad: Tensor, weight: Tensor, images: Tensor) -> Ten
 # ------------------------------------------------------------------ torch.library glue
 @torch.library.custom_op("fastvit_triton::patch_embed", mutates_args=())
 def _patch_embed_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Tensor,
-                    cls_token: Optional[Tensor]) -> Tensor:
-    return patch_embed_forward(images, weight, bias, pos_embed, cls_token)
+                    cls_token: Optional[Tensor], reg_tokens: Optional[Tensor] = None) -> Tensor:
+    return patch_embed_forward(images, weight, bias, pos_embed, cls_token, reg_tokens)
 
 
 @torch.library.custom_op("fastvit_triton::patch_embed_weight_grad", mutates_args=())
@@ -100,10 +114,15 @@ def _images_grad_op(grad: Tensor, weight: Tensor, images: Tensor) -> Tensor:
     return patch_embed_images_grad(grad, weight, images)
 
 
+def _n_prefix(cls_token, reg_tokens) -> tuple[int, int]:
+    """(class tokens, register tokens): the prefix rows, in that order."""
+    return int(cls_token is not None), (reg_tokens.shape[1] if reg_tokens is not None else 0)
+
+
 @_patch_embed_op.register_fake
-def _(images, weight, bias, pos_embed, cls_token):
+def _(images, weight, bias, pos_embed, cls_token, reg_tokens=None):
     patch = weight.shape[-1]
-    tokens = (images.shape[2] // patch) * (images.shape[3] // patch) + (cls_token is not None)
+    tokens = (images.shape[2] // patch) * (images.shape[3] // patch) + sum(_n_prefix(cls_token, reg_tokens))
     return images.new_empty(images.shape[0], tokens, weight.shape[0])
 
 
@@ -118,30 +137,36 @@ def _(grad, weight, images):
 
 
 def _setup(ctx, inputs, output):
-    images, weight, bias, pos_embed, cls_token = inputs
+    images, weight, bias, pos_embed, cls_token, reg_tokens = inputs
     ctx.save_for_backward(images, weight)
-    ctx.has_cls = cls_token is not None
+    ctx.n_cls, ctx.n_reg = _n_prefix(cls_token, reg_tokens)
     ctx.pos_shape = pos_embed.shape
     ctx.cls_shape = cls_token.shape if cls_token is not None else None
+    ctx.reg_shape = reg_tokens.shape if reg_tokens is not None else None
 
 
 def _backward(ctx, grad):
     images, weight = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    d_images = d_weight = d_bias = d_pos = d_cls = None
+    # A trailing argument left at its default (reg_tokens=None) has no entry here.
+    need = (*ctx.needs_input_grad, False)[:6]
+    d_images = d_weight = d_bias = d_pos = d_cls = d_reg = None
     if need[0]:
         d_images = torch.ops.fastvit_triton.patch_embed_images_grad(grad, weight, images)
     if need[1]:
         d_weight = torch.ops.fastvit_triton.patch_embed_weight_grad(grad, images, weight)
-    if need[2] or need[3] or need[4]:
-        per_token = grad.sum(0, dtype=torch.float32)  # (T, D): pos_embed's gradient
+    if any(need[2:]):
+        n_prefix = ctx.n_cls + ctx.n_reg
+        per_token = grad.sum(0, dtype=torch.float32)  # (T, D)
         if need[2]:
-            d_bias = per_token[int(ctx.has_cls):].sum(0).to(grad.dtype)
-        if need[3]:
-            d_pos = per_token.to(grad.dtype).reshape(ctx.pos_shape)
+            d_bias = per_token[n_prefix:].sum(0).to(grad.dtype)
+        if need[3]:  # the prefix rows' positions, when pos_embed has them, come first
+            pos_rows = per_token[per_token.shape[0] - ctx.pos_shape[-2]:]
+            d_pos = pos_rows.to(grad.dtype).reshape(ctx.pos_shape)
         if need[4]:
             d_cls = per_token[0].to(grad.dtype).reshape(ctx.cls_shape)
-    return d_images, d_weight, d_bias, d_pos, d_cls
+        if need[5]:
+            d_reg = per_token[ctx.n_cls:n_prefix].to(grad.dtype).reshape(ctx.reg_shape)
+    return d_images, d_weight, d_bias, d_pos, d_cls, d_reg
 
 
 _patch_embed_op.register_autograd(_backward, setup_context=_setup)
@@ -149,17 +174,9 @@ _patch_embed_op.register_autograd(_backward, setup_context=_setup)
 
 def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: Tensor,
                 cls_token: Tensor | None = None, reg_tokens: Tensor | None = None) -> Tensor:
-    """Conv2d patchify + projection, class token prepended, position embedding added."""
-    return torch.ops.fastvit_triton.patch_embed(images, weight, bias, pos_embed, cls_token)
+    """Conv2d patchify + projection, prefix tokens (class, then registers) prepended,
+    position embedding added (to the prefix tokens too when pos_embed has their rows)."""
+    return torch.ops.fastvit_triton.patch_embed(images, weight, bias, pos_embed, cls_token, reg_tokens)
 
 
-def _unsupported(images=None, weight=None, bias=None, pos_embed=None, cls_token=None, reg_tokens=None):
-    if reg_tokens is not None:
-        return "register tokens are not implemented yet"  # TODO(issue 18)
-    if cls_token is not None and pos_embed is not None and pos_embed.shape[-2] != (
-            (images.shape[-2] // weight.shape[-1]) * (images.shape[-1] // weight.shape[-1]) + 1):
-        return "a class token without position (no_embed_class) is not implemented yet"  # TODO(issue 18)
-    return dot_op_unsupported(images, weight, bias, pos_embed, cls_token)
-
-
-SUPPORTS = {"patch_embed": _unsupported}
+SUPPORTS = {"patch_embed": dot_op_unsupported}

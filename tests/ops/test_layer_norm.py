@@ -275,6 +275,55 @@ def test_opcheck(affine, device):
                            mean, rstd, affine))
 
 
+def test_layer_scale_launch_settings(device):
+    """LayerScale on the launchers directly, with the launch variants a GPU uses (one row
+    per tile, more tiles than programs, few backward groups) and x as a two-stride view:
+    the sum, and the gradients of residual, x, weight, bias and gamma, against fp64."""
+    width = 40
+    x = rand(6, 5, width, device=device, mean=1.0, std=2.0).transpose(0, 1)  # (5, 6, D), two strides
+    residual = rand(5, 6, width, device=device, mean=-2.0)
+    w, b = rand(width, device=device, mean=1.0, std=0.5), rand(width, device=device)
+    gamma = rand(width, device=device, mean=0.1, std=0.7)
+    dnormed, dsummed = rand(5, 6, width, device=device), rand(5, 6, width, device=device, std=0.5)
+    xd, rd, wd, bd, gd = (t.requires_grad_() for t in upcast(x, residual, w, b, gamma))
+    ref_y, ref_s = reference.add_layer_norm(xd, rd, wd, bd, EPS, gd)
+    ref = torch.autograd.grad((ref_y, ref_s), (rd, xd, wd, bd, gd), (dnormed.double(), dsummed.double()))
+    for tile, programs, groups in ((None, None, None), (1, 7, 3)):
+        y, s, mean, rstd = tln.layer_norm_forward(x, residual, w, b, EPS, gamma=gamma, rows_per_tile=tile,
+                                                  max_programs=programs or tln.MAX_PROGRAMS)
+        assert_parity(f"y (tile={tile})", y, ref_y)
+        assert_parity(f"summed (tile={tile})", s, ref_s)
+        grads = tln.add_layer_norm_scaled_backward(dnormed, dsummed, s, x, gamma, w, mean, rstd, True,
+                                                   rows_per_tile=tile, groups=groups)
+        for name, g, r in zip(("dresidual", "dx", "dw", "db", "dgamma"), grads, ref):
+            assert_parity(f"{name} (tile={tile}, groups={groups})", g, r)
+
+
+def test_layer_scale_gradient_of_the_sum_alone(device):
+    """Through the sum only: d residual = dS, d x = gamma * dS, d gamma = sum of x * dS."""
+    x, residual, w, b, _, dsummed = _inputs((2, 9, 64), torch.float32, device)
+    gamma = rand(64, device=device, mean=-0.3, requires_grad=True)
+    with fk.backend("triton"):
+        _, summed = fk.add_layer_norm(x, residual, w, b, EPS, gamma)
+    dx, dr, dg = torch.autograd.grad(summed, (x, residual, gamma), dsummed)
+    torch.testing.assert_close(dr, dsummed, rtol=0, atol=0)
+    torch.testing.assert_close(dx, gamma.detach() * dsummed, rtol=0, atol=0)
+    assert_parity("dgamma", dg, (x.detach().double() * dsummed.double()).sum((0, 1)))
+
+
+def test_opcheck_layer_scale(device):
+    x, residual, w, b = _opcheck_args(device, True)
+    gamma = rand(40, device=device, mean=0.5, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastvit_triton.add_layer_norm.default, (x, residual, w, b, EPS, gamma))
+    torch.library.opcheck(torch.ops.fastvit_triton.add_layer_norm.default, (x, residual, None, None, EPS, gamma))
+    _, summed, mean, rstd = torch.ops.fastvit_triton.add_layer_norm(x.detach(), residual.detach(), w.detach(),
+                                                                     b.detach(), EPS, gamma.detach())
+    for weight, has_bias in ((w.detach(), True), (None, False)):
+        torch.library.opcheck(torch.ops.fastvit_triton.add_layer_norm_scaled_backward.default,
+                              (torch.randn_like(summed), torch.randn_like(summed), summed, x.detach(),
+                               gamma.detach(), weight, mean, rstd, has_bias))
+
+
 def test_compile_fullgraph(device):
     """torch.compile traces the public ops (on the triton backend) and their backward
     without graph breaks, and the graph calls our ops."""
@@ -381,3 +430,12 @@ def test_large_tensor_int64_offsets_and_many_rows(device):
         hi = upcast(x[part], w)
         assert_parity("large.y", y[part], reference.layer_norm(hi[0], hi[1], None, EPS),
                       reference.layer_norm(x[part], w, None, EPS))
+
+
+@pytest.mark.cuda
+def test_layer_scale_bf16_cuda(device):
+    """LayerScale at ViT-B/14 (DINOv2) size in bf16 on the GPU's launch settings."""
+    x, residual, w, b, dnormed, dsummed = _inputs((8, 257, 768), torch.bfloat16, device)
+    gamma = rand(768, dtype=torch.bfloat16, device=device, mean=0.1, std=0.5, requires_grad=True)
+    check_backend("triton", "add_layer_norm", [x, residual, w, b, EPS, gamma], [dnormed, dsummed],
+                  dtype=torch.bfloat16)

@@ -80,13 +80,26 @@ def test_linear_gelu_strided_input_and_expanded_grad(device):
         assert_parity(f"grad {name}", fast, ref)
 
 
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("approximate", ["none", "tanh", "quick"])
 def test_linear_gelu_recompute_backward(approximate, device):
     """The inference op under autograd recomputes z; its epilogue forms dZ = dY * GELU'(z)."""
     inputs = [*_linear_inputs((2, 5, 24), 40, torch.float32, device), approximate]
     results = check_op("linear_gelu(recompute)", torch.ops.fastvit_triton.linear_gelu, reference.linear_gelu,
                        inputs)
     assert all(t.dtype == torch.float32 for t in results.values())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_quick_gelu_saturates_without_nan(dtype, device):
+    """QuickGELU far out in both tails (a plain exp(-1.702 z) overflows below z = -52 in
+    fp32): the output, the saved derivative and the recomputed one stay finite and right."""
+    x, w, _ = _linear_inputs((3, 16), 8, dtype, device)
+    b = torch.tensor([-300.0, -80.0, -30.0, -3.0, 0.0, 4.0, 40.0, 300.0], dtype=dtype, device=device)
+    b.requires_grad_()
+    inputs = [x, w, b, "quick"]
+    check_backend("triton", "linear_gelu", inputs, dtype=dtype)  # training op: saved derivative
+    check_op("linear_gelu(recompute, quick)", torch.ops.fastvit_triton.linear_gelu, reference.linear_gelu,
+             inputs)
 
 
 def test_linear_gelu_inference_saves_nothing(device):
@@ -114,6 +127,8 @@ def test_linear_gelu_opcheck(device):
     x, w, b = _linear_inputs((2, 3, 16), 24, torch.float32, device)
     torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu_train.default, (x, w, b, "none"))
     torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu.default, (x, w, None, "tanh"))
+    torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu_train.default, (x, w, None, "quick"))
+    torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu.default, (x, w, b, "quick"))
 
 
 def test_linear_gelu_backward_opcheck(device):
@@ -128,6 +143,8 @@ def test_linear_gelu_backward_opcheck(device):
                           (grad, x, w, b, "tanh"))
     torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu_backward_recompute.default,
                           (grad, x, w, None, "none"))
+    torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu_backward_recompute.default,
+                          (grad, x, w, b, "quick"))
 
 
 def test_bad_input_is_rejected_before_any_kernel(device):
@@ -190,7 +207,7 @@ def test_configs_are_chosen_by_dtype_and_epilogue():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("approximate", ["none", "tanh", "quick"])
 def test_linear_gelu_bf16_cuda(approximate, device):
     inputs = [*_linear_inputs((4, 197, 768), 3072, torch.bfloat16, device), approximate]
     check_backend("triton", "linear_gelu", inputs, dtype=torch.bfloat16)

@@ -125,6 +125,36 @@ def test_patch_embed_backward_opcheck(channels_last, cls, device):
     torch.library.opcheck(torch.ops.fastvit_triton.patch_embed_images_grad.default, (grad, weight, images))
 
 
+@pytest.mark.parametrize("embedded", [True, False], ids=["embedded", "no_embed_class"])
+def test_patch_embed_prefix_opcheck(embedded, device):
+    """The op with class + register tokens, their positions given or not, and the
+    gradient ops on an output gradient with 5 prefix rows."""
+    images, weight, bias, _, cls = _patch_inputs(2, 3, 8, 16, 8, 16, torch.float32, device)
+    reg = rand(1, 4, 16, device=device, requires_grad=True)
+    pos = rand(1, 2 + (5 if embedded else 0), 16, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastvit_triton.patch_embed.default, (images, weight, bias, pos, cls, reg))
+    reg_only_pos = pos[:, 1:].detach().requires_grad_() if embedded else pos  # no class token: one row less
+    torch.library.opcheck(torch.ops.fastvit_triton.patch_embed.default,
+                          (images, weight, None, reg_only_pos, None, reg))
+    grad = rand(2, 7, 16, device=device)
+    torch.library.opcheck(torch.ops.fastvit_triton.patch_embed_weight_grad.default,
+                          (grad, images.detach(), weight.detach()))
+    torch.library.opcheck(torch.ops.fastvit_triton.patch_embed_images_grad.default,
+                          (grad, weight.detach(), images.detach()))
+
+
+@pytest.mark.parametrize("embedded", [True, False], ids=["embedded", "no_embed_class"])
+def test_prefix_rows_of_more_images_than_row_blocks(embedded, device):
+    """The (image, prefix row) pairs are dealt out to the row blocks in turn: with 2
+    patches per image, 70 images' 4 prefix rows share 3 row blocks (64 rows each under
+    the interpreter; on a GPU at least as few), so each program loops over many."""
+    images, weight, bias, _, cls = _patch_inputs(70, 3, 8, 16, 8, 16, torch.float32, device, image_grad=False)
+    reg = rand(1, 3, 16, device=device, requires_grad=True)
+    pos = rand(1, 2 + (4 if embedded else 0), 16, device=device, std=0.5, requires_grad=True)
+    out = check_backend("triton", "patch_embed", [images, weight, bias, pos, cls, reg])
+    assert out["out0"].shape == (70, 6, 16)
+
+
 def test_bad_input_is_rejected_before_any_kernel(device):
     images, weight, bias, pos, cls = _patch_inputs(1, 3, 16, 16, 8, 16, torch.float32, device)
     with fk.backend("triton"):
@@ -149,6 +179,18 @@ def test_dispatch_and_supports(device):
 def test_patch_embed_bf16_cuda(device):
     inputs = _patch_inputs(4, 3, 224, 224, 16, 768, torch.bfloat16, device, channels_last=True)
     check_backend("triton", "patch_embed", inputs, dtype=torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("embedded", [True, False], ids=["embedded", "no_embed_class"])
+def test_patch_embed_registers_bf16_cuda(embedded, device):
+    """DINOv2 with registers at ViT-B/14 size: class + 4 register tokens, positions for
+    the patches only (no_embed_class) or for every token."""
+    images, weight, bias, _, cls = _patch_inputs(4, 3, 224, 224, 14, 768, torch.bfloat16, device)
+    reg = rand(1, 4, 768, dtype=torch.bfloat16, device=device, requires_grad=True)
+    pos = rand(1, 256 + (5 if embedded else 0), 768, dtype=torch.bfloat16, device=device, std=0.5,
+               requires_grad=True)
+    check_backend("triton", "patch_embed", [images, weight, bias, pos, cls, reg], dtype=torch.bfloat16)
 
 
 @pytest.mark.cuda

@@ -76,6 +76,26 @@ def test_ci_subset_covers_every_kernel_and_op(report):
             assert (kernel, dtype) in kernels, f"{kernel} is not compiled for {dtype}"
 
 
+def test_ci_subset_covers_the_vit_family_variants(report):
+    """The launches the ViT families add (issue 18) are compiled in bf16: LayerScale in both
+    norm kernels, QuickGELU (ACT=3) in each of its three epilogues, and prefix tokens
+    without position rows (no_embed_class) in the patch-embedding forward."""
+    compiled = {(r["kernel"], frozenset(r["variant"].split(","))) for r in report["sm_90"]["results"]
+                if r["dtype"] == "bf16" and not r["error"]}
+    wanted = {
+        "add_layer_norm forward with gamma": ("_layer_norm_fwd_kernel", {"HAS_RESIDUAL", "HAS_GAMMA"}),
+        "add_layer_norm backward with gamma": ("_layer_norm_bwd_kernel", {"HAS_DSUM", "HAS_GAMMA"}),
+        "quick GELU inference": ("_gemm_kernel", {"ACT=3"}),
+        "quick GELU training forward": ("_gemm_kernel", {"ACT=3", "ACT_GRAD_OUT"}),
+        "quick GELU recompute backward": ("_gemm_kernel", {"ACT=3", "EPI_GELU_GRAD"}),
+        "prefix tokens with positions": ("_gemm_kernel", {"HAS_PREFIX", "PREFIX_POS"}),
+    }
+    for what, (kernel, tokens) in wanted.items():
+        assert any(k == kernel and tokens <= v for k, v in compiled), f"{what}: no bf16 compile of {kernel} {tokens}"
+    no_pos = [v for k, v in compiled if k == "_gemm_kernel" and "HAS_PREFIX" in v and "PREFIX_POS" not in v]
+    assert no_pos, "prefix tokens without position rows: no bf16 compile"
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_kernels_compile(report, target):
     errors = [p for p in report[target]["problems"] if p.startswith("compile error")]
