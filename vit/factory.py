@@ -87,11 +87,14 @@ def config_from_state_dict(state_dict: dict, *, hf_layout: bool = False, source:
     )
     prefix = int(fields["class_token"]) + fields["reg_tokens"] + int(fields["distilled"])
     tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else prefix + 1
-    side = math.isqrt(max(tokens - prefix, 0))
-    if side and side * side == tokens - prefix:
-        fields["no_embed_class"] = False
-    elif math.isqrt(tokens) ** 2 == tokens:
-        side, fields["no_embed_class"] = math.isqrt(tokens), True
+    # pos_embed covers the prefix tokens and a square grid, or (no_embed_class) the grid
+    # only; registers come without position embeddings when both would fit (timm's models)
+    with_prefix = math.isqrt(max(tokens - prefix, 0))
+    grid_only = math.isqrt(tokens)
+    if with_prefix and with_prefix ** 2 == tokens - prefix and not (fields["reg_tokens"] and grid_only ** 2 == tokens):
+        side, fields["no_embed_class"] = with_prefix, False
+    elif grid_only ** 2 == tokens:
+        side, fields["no_embed_class"] = grid_only, True
     else:
         raise ValueError(f"{source}: pos_embed has {tokens} rows: neither {prefix} prefix tokens plus a "
                          "square grid nor a square grid; pass img_size= to create_model with a preset")

@@ -227,6 +227,10 @@ def convert_state_dict(state_dict: dict, notes: list | None = None) -> dict:
             qkv_parts.setdefault((match[1], match[3]), [None] * 3)[_QKV[match[2]]] = value
         else:
             unknown.append(raw_key)
+    swiglu = [k for k in unknown if re.search(r"\.mlp\.(weights_in|gate_proj|up_proj)\.", k)]
+    if swiglu:
+        raise ValueError(f"a SwiGLU MLP (DINOv2 use_swiglu_ffn=True: {swiglu[0]} ...) is not supported; "
+                         "expected the fc1-GELU-fc2 MLP (mlp.fc1 / mlp.fc2)")
     if unknown:
         raise ValueError(f"unrecognised Hugging Face ViT keys: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
     for (index, kind), parts in qkv_parts.items():
@@ -242,7 +246,12 @@ def convert_state_dict(state_dict: dict, notes: list | None = None) -> dict:
 
 
 def _listing(keys: list[str]) -> str:
-    return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+    """Keys grouped by their first name: 'text_model.* (20 tensors), logit_scale'."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key.split(".")[0], []).append(key)
+    return ", ".join(found[0] if len(found) == 1 else f"{top}.* ({len(found)} tensors)"
+                     for top, found in groups.items())
 
 
 def _fold_class_position(out: dict, notes: list) -> None:
