@@ -118,6 +118,10 @@ class ViT(nn.Module):
             raise ValueError("set_distilled_training needs a distilled model (config distilled=True)")
         self.distilled_training = bool(enable)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that take no weight decay, by name (timm's set)."""
+        return {"pos_embed", "cls_token", "reg_token", "dist_token"}
+
     @property
     def num_features(self) -> int:
         return self.config.embed_dim

@@ -112,3 +112,34 @@ def _grads(model, images, upstream):
     return grads
 
 
+
+
+# The ViT family (issue 18), at CFG's size: one config per family's knobs.
+FAMILIES = {
+    "dinov2": dict(init_values=1e-5),
+    "dinov2-reg": dict(init_values=1e-5, reg_tokens=4, no_embed_class=True),
+    "clip": dict(pre_norm=True, norm_eps=1e-5, act_layer="quick_gelu"),
+    "siglip": dict(class_token=False, global_pool="map", act_layer="gelu_tanh"),
+    "deit-distilled": dict(distilled=True),
+    "deit3": dict(no_embed_class=True, init_values=1e-6),
+}
+
+
+@contextlib.contextmanager
+def preferring(name: str):
+    """Run the fused ops on backend ``name`` where it can run the call, else on torch (as
+    ``auto`` falls back): a backend that declines some arguments (LayerScale, register
+    tokens, QuickGELU before it implements them) is still tested on every call it takes."""
+    real_resolve = _dispatch.resolve
+
+    def resolve(op, device, *args, **kwargs):
+        with fk.backend(name):
+            try:
+                return real_resolve(op, device, *args, **kwargs)
+            except fk.BackendUnavailableError:
+                pass
+        with fk.backend("torch"):
+            return real_resolve(op, device, *args, **kwargs)
+
+    with mock.patch.object(_dispatch, "resolve", resolve):
+        yield

@@ -97,9 +97,10 @@ def test_fast_layers_match_reference_layers():
 def test_backends_reports_resolution_and_repr_shows_it():
     model = FastViT(**CFG)
     resolved = model.backends()
-    assert set(resolved) == set(MODEL_OPS) and set(resolved.values()) <= set(fk.BACKENDS)
+    assert model.ops() == tuple(op for op in MODEL_OPS if op != "attention")  # no MAP head
+    assert set(resolved) == set(model.ops()) and set(resolved.values()) <= set(fk.BACKENDS)
     with fk.backend("torch"):
-        assert model.backends() == dict.fromkeys(MODEL_OPS, "torch")
+        assert model.backends() == dict.fromkeys(model.ops(), "torch")
         assert "packed_attention=torch" in repr(model)
     for name in BACKENDS:
         implemented = set(fk.available_backends()[name].ops)
