@@ -225,3 +225,34 @@ def test_bare_state_dict_without_num_heads_says_what_to_pass(tmp_path):
     ckpt.save(vit.ViT(img_size=IMG, patch_size=PATCH, embed_dim=32, depth=1, num_heads=4, num_classes=0), path)
     with pytest.raises(ValueError, match="pass num_heads="):
         vit.from_pretrained(path)
+
+
+# ------------------------------------------------------------------ other image sizes
+
+@pytest.mark.parametrize("size", [70, 42], ids=["larger", "smaller"])
+def test_dinov2_other_image_sizes_match_hf(size, tmp_path):
+    """DINOv2 configs get dynamic_img_size; the position embedding is resampled as timm does
+    it, which is Dinov2WithRegisters' way (antialiased bicubic in fp32). (HF's plain
+    Dinov2Model resamples without antialiasing: about 1e-3 apart at other sizes.)"""
+    builder = _dinov2_reg
+    hf = _perturbed(builder)
+    hf.save_pretrained(tmp_path)
+    ours = vit.from_pretrained(tmp_path).eval()
+    assert ours.config.dynamic_img_size and ours.config.img_size == IMG
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    assert_parity(f"pooled at {size} px", _ours(ours, "pooled", x), _expected(hf, "pooled", x), rtol=MODEL_RTOL)
+
+
+def test_bare_timm_file_takes_the_rest_from_the_preset_of_its_structure(tmp_path, monkeypatch):
+    """A timm state dict without config: a preset of the same structure gives num_heads, the
+    activation and eps (e.g. vit_base_patch14_dinov2 for timm's DINOv2 weights)."""
+    preset = vit.ViTConfig(img_size=IMG, patch_size=PATCH, embed_dim=32, depth=2, num_heads=2, mlp_ratio=1.5,
+                           pre_norm=True, act_layer="quick_gelu", norm_eps=1e-5, num_classes=16)
+    monkeypatch.setitem(vit.factory.PRESETS, "test_tiny_clip_quickgelu", preset)
+    monkeypatch.setitem(vit.factory.PRESETS, "test_tiny_clip", preset.replace(act_layer="gelu", num_classes=0))
+    model = vit.ViT(preset).eval()
+    ckpt.save(model, tmp_path / "timm.safetensors")
+    loaded = vit.from_pretrained(tmp_path / "timm.safetensors").eval()
+    assert loaded.config == preset  # the preset whose classifier width matches the file's head
+    x = _images()
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
