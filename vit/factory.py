@@ -30,10 +30,11 @@ def model_class(fast: bool):
 def _weights_file(path: Path) -> Path:
     if path.is_file():
         return path
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    for name in names:
         if (path / name).is_file():
             return path / name
-    raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+    raise FileNotFoundError(f"{path} holds none of {', '.join(names)}")
 
 
 def read_config(path, **overrides) -> ViTConfig:

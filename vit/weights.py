@@ -133,10 +133,13 @@ def save(state_dict, path, config=None, metadata: dict | None = None) -> None:
 
 
 def load(path) -> dict:
-    """Read a state_dict from ``.safetensors`` (safe) or ``.bin``/``.pth``/``.pt`` (weights only)."""
+    """Read a state_dict from ``.safetensors`` (safe) or ``.bin``/``.pth``/``.pt`` (weights only),
+    or from the shards a Hugging Face ``*.index.json`` lists."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    if path.name.endswith(".index.json"):
+        return _load_shards(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -153,6 +156,20 @@ def load(path) -> dict:
         return obj
     raise ValueError(f"unsupported checkpoint format {path.suffix!r} for {path}; "
                      "expected .safetensors, .bin, .pth or .pt")
+
+
+def _load_shards(index: Path) -> dict:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{index} is not a Hugging Face shard index (a JSON 'weight_map'): {exc}") from exc
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(load(index.parent / shard))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise ValueError(f"the shards of {index} lack {len(missing)} listed tensors, e.g. {missing[:3]}")
+    return state
 
 
 def load_metadata(path) -> dict:

@@ -229,15 +229,16 @@ def test_bare_state_dict_without_num_heads_says_what_to_pass(tmp_path):
 
 # ------------------------------------------------------------------ other image sizes
 
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
 @pytest.mark.parametrize("size", [70, 42], ids=["larger", "smaller"])
-def test_dinov2_other_image_sizes_match_hf(size, tmp_path):
+def test_dinov2_other_image_sizes_match_hf(size, fast, tmp_path):
     """DINOv2 configs get dynamic_img_size; the position embedding is resampled as timm does
     it, which is Dinov2WithRegisters' way (antialiased bicubic in fp32). (HF's plain
     Dinov2Model resamples without antialiasing: about 1e-3 apart at other sizes.)"""
     builder = _dinov2_reg
     hf = _perturbed(builder)
     hf.save_pretrained(tmp_path)
-    ours = vit.from_pretrained(tmp_path).eval()
+    ours = vit.from_pretrained(tmp_path, fast=fast).eval()
     assert ours.config.dynamic_img_size and ours.config.img_size == IMG
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
     assert_parity(f"pooled at {size} px", _ours(ours, "pooled", x), _expected(hf, "pooled", x), rtol=MODEL_RTOL)
@@ -256,3 +257,12 @@ def test_bare_timm_file_takes_the_rest_from_the_preset_of_its_structure(tmp_path
     assert loaded.config == preset  # the preset whose classifier width matches the file's head
     x = _images()
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_sharded_snapshot(tmp_path):
+    hf = _perturbed(_clip_vision)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    ours = vit.from_pretrained(tmp_path).eval()
+    x = _images()
+    assert_parity("sharded clip pooled", _ours(ours, "pooled", x), _expected(hf, "pooled", x), rtol=MODEL_RTOL)
