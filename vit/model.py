@@ -242,6 +242,13 @@ class ViT(nn.Module):
             return intermediates
         return self.final_norm(state), intermediates
 
+    def get_intermediate_layers(self, x: torch.Tensor, n: int | list[int] = 1, reshape: bool = False,
+                                return_prefix_tokens: bool = False, norm: bool = False) -> list:
+        """DINOv2's interface to ``forward_intermediates`` (timm keeps it too): the last ``n``
+        blocks (or those listed), as patch tokens, or patch maps with ``reshape``."""
+        return self.forward_intermediates(x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                                          output_fmt="NCHW" if reshape else "NLC", intermediates_only=True)
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, T, D) -> (B, D): the class token, the mean of the patch tokens, or the
         MAP head over the patch tokens (the prefix tokens excluded, as timm does)."""

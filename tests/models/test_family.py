@@ -325,6 +325,9 @@ def test_forward_intermediates_are_the_block_outputs(family):
                 patches = got  # nothing to return: timm gives the patches alone
             torch.testing.assert_close(patches, want[:, prefix:])
 
+        dino = model.get_intermediate_layers(x, n=2, reshape=True, norm=True)
+        torch.testing.assert_close(dino[1], model.norm(outputs[2])[:, prefix:].transpose(1, 2).reshape(2, 32, 4, 4))
+
         early, only_first = model.forward_intermediates(x, indices=[0], stop_early=True)
         torch.testing.assert_close(early, model.norm(outputs[0]))  # timm: the last block run, normed
         assert len(only_first) == 1
