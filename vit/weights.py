@@ -263,10 +263,10 @@ class LoadReport:
     def __str__(self) -> str:
         parts = [f"loaded {len(self.loaded)} tensors" + (f" from {self.source}" if self.source else "")]
         for what, items in (("re-initialized", self.reinitialized), ("dropped", self.dropped),
-                            ("resampled", self.resampled), ("adapted", self.adapted), ("notes", self.notes)):
+                            ("resampled", self.resampled), ("adapted", self.adapted)):
             if items:
                 parts.append(f"{what}: {', '.join(items)}")
-        return "; ".join(parts)
+        return "; ".join(parts + self.notes)  # each note a sentence of its own
 
 
 def _grid_of(tokens: int, where: str) -> tuple[int, int]:
