@@ -108,8 +108,23 @@ def convert_state_dict(state_dict: dict, source: str = "auto", notes: list | Non
         source = detect_layout(state_dict)
     stripped = {_strip(k): v for k, v in state_dict.items()}
     if source == "timm":
-        return stripped
+        return _from_original_dinov2(stripped, [] if notes is None else notes)
     return hf.convert_state_dict(stripped, notes)
+
+
+def _from_original_dinov2(state: dict, notes: list) -> dict:
+    """Meta's DINOv2 checkpoints are timm's layout but for ``mask_token`` (pretraining only,
+    dropped) and ``register_tokens``, which, as in HF's port, come after the position
+    embedding was added: folded as ``vit.hf`` does (class position into cls_token)."""
+    if "mask_token" in state:
+        state.pop("mask_token")
+        notes.append("dropped the masked-image-modeling token (pretraining only): mask_token")
+    if "register_tokens" in state:
+        state["reg_token"] = state.pop("register_tokens")
+        pos = state["pos_embed"]
+        state["cls_token"], state["pos_embed"] = state["cls_token"] + pos[:, :1], pos[:, 1:]
+        notes.append("folded the class token's position embedding into cls_token (registers: no_embed_class)")
+    return state
 
 
 # ---------------------------------------------------------------------- files

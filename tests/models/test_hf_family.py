@@ -266,3 +266,19 @@ def test_sharded_snapshot(tmp_path):
     ours = vit.from_pretrained(tmp_path).eval()
     x = _images()
     assert_parity("sharded clip pooled", _ours(ours, "pooled", x), _expected(hf, "pooled", x), rtol=MODEL_RTOL)
+
+
+def test_meta_dinov2_registers_layout():
+    """Meta's own DINOv2 files: timm's names plus register_tokens (after the position
+    embedding, like HF's) and mask_token; converted like the HF port of the same weights."""
+    hf = _perturbed(_dinov2_reg)
+    ours = ckpt.convert_state_dict(hf.state_dict())
+    meta = {k: v for k, v in ours.items() if k not in ("reg_token", "cls_token", "pos_embed")}
+    cls_position = torch.randn(1, 1, TOWER["hidden_size"])  # what the fold must add back
+    meta.update(register_tokens=ours["reg_token"], mask_token=torch.zeros(1, TOWER["hidden_size"]),
+                cls_token=ours["cls_token"] - cls_position, pos_embed=torch.cat([cls_position, ours["pos_embed"]], 1))
+    notes = []
+    converted = ckpt.convert_state_dict(meta, notes=notes)
+    assert converted.keys() == ours.keys() and any("mask_token" in n for n in notes)
+    for key, value in ours.items():
+        torch.testing.assert_close(converted[key], value, rtol=1e-6, atol=1e-6)
