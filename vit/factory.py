@@ -66,9 +66,9 @@ def config_from_state_dict(state_dict: dict, *, hf_layout: bool = False, source:
     (LayerScale, registers, distillation token, CLIP's norm_pre, SigLIP's attn_pool ...).
 
     Shapes do not tell ``num_heads``, the activation or the LayerNorm eps: ``overrides`` give
-    them, else the preset of the same structure (e.g. ``vit_base_patch14_dinov2``), else, for
-    Hugging Face weights, the family's transformers defaults. Without a source for
-    ``num_heads`` a ValueError says to pass it.
+    them, else (activation and eps) the family's transformers defaults for Hugging Face
+    weights, else the preset of the same structure (e.g. ``vit_base_patch14_dinov2``).
+    Without a source for ``num_heads`` a ValueError says to pass it.
     """
     sd = state_dict
     conv = sd.get("patch_embed.proj.weight")
@@ -106,8 +106,8 @@ def config_from_state_dict(state_dict: dict, *, hf_layout: bool = False, source:
     if preset is not None:
         guessed = {k: getattr(PRESETS[preset], k) for k in ("num_heads", "act_layer", "norm_eps", "init_values")}
         guessed["init_values"] = guessed["init_values"] if fields["init_values"] else None
-    elif hf_layout:
-        guessed = hf.family_defaults(hf.detect_family(sd))
+    if hf_layout:  # transformers' family defaults beat timm's (HF CLIP: QuickGELU; HF DeiT: eps 1e-12)
+        guessed.update(hf.family_defaults(hf.detect_family(sd)))
     fields = {**fields, **guessed, **overrides}
     if "num_heads" not in fields:
         raise ValueError(f"{source} carries no config and matches no preset: pass num_heads= (the weights do "

@@ -282,3 +282,19 @@ def test_meta_dinov2_registers_layout():
     assert converted.keys() == ours.keys() and any("mask_token" in n for n in notes)
     for key, value in ours.items():
         torch.testing.assert_close(converted[key], value, rtol=1e-6, atol=1e-6)
+
+
+def test_bare_hf_file_keeps_its_family_defaults_over_a_preset(saved, tmp_path, monkeypatch):
+    """A preset of the same structure gives num_heads, but the activation and eps of HF
+    weights are transformers' (HF CLIP is QuickGELU where timm's *_clip_224 is GELU)."""
+    name, hf, path = saved
+    _, _, what = CASES[name]
+    expected_cfg = vit.from_pretrained(path).config
+    timm_like = expected_cfg.replace(act_layer="gelu", norm_eps=1e-3, num_heads=2 * expected_cfg.num_heads,
+                                     init_values=expected_cfg.init_values and 1e-5)
+    monkeypatch.setitem(vit.factory.PRESETS, "test_same_structure", timm_like)
+    alone = tmp_path / "weights.safetensors"
+    alone.write_bytes((path / "model.safetensors").read_bytes())
+    ours = vit.from_pretrained(alone, num_heads=expected_cfg.num_heads).eval()
+    assert (ours.config.act_layer, ours.config.norm_eps) == (expected_cfg.act_layer, expected_cfg.norm_eps)
+    assert vit.from_pretrained(alone).config.num_heads == 2 * expected_cfg.num_heads  # from the preset
