@@ -1,8 +1,9 @@
 """Checkpoint interop, as pure functions: key conversion, pos-embed resampling, safetensors.
 
-``convert_state_dict`` turns timm and Hugging Face ViT state_dicts into our layout (which
-is timm's). Loading never unpickles arbitrary objects: ``.safetensors`` is read with
-safetensors, ``.bin`` / ``.pth`` / ``.pt`` only with ``torch.load(weights_only=True)``.
+``convert_state_dict`` turns timm and Hugging Face state_dicts of the ViT family into our
+layout (which is timm's; the HF families' key maps are in ``vit.hf``). Loading never
+unpickles arbitrary objects: ``.safetensors`` is read with safetensors, ``.bin`` /
+``.pth`` / ``.pt`` only with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import contextlib
 import json
 import math
 import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from . import hf
 from ._io import atomic_write
 
 CONFIG_METADATA_KEY = "fastvit_config"
@@ -63,40 +64,16 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_size, old_size=None,
 
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 
-_HF_EMBED = {
-    "embeddings.cls_token": "cls_token",
-    "embeddings.position_embeddings": "pos_embed",
-    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight",
-    "layernorm.bias": "norm.bias",
-    "classifier.weight": "head.weight",
-    "classifier.bias": "head.bias",
-}
-# Per-block names: encoder.layer.N.<old> (transformers < 5) or layers.N.<new> (>= 5).
-_HF_BLOCK = {
-    "layernorm_before": "norm1",
-    "layernorm_after": "norm2",
-    "attention.output.dense": "attn.proj",
-    "attention.o_proj": "attn.proj",
-    "intermediate.dense": "mlp.fc1",
-    "output.dense": "mlp.fc2",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
-_HF_QKV = {
-    "attention.attention.query": 0, "attention.attention.key": 1, "attention.attention.value": 2,
-    "attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2,
-}
-# Parts of HF checkpoints that an image classifier does not use.
-_HF_UNUSED = ("embeddings.mask_token", "pooler.dense.weight", "pooler.dense.bias")
-_HF_BLOCK_KEY = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+# The HF key tables, as ``vit.tools.bench.providers.to_hf_state_dict`` (the inverse map) reads them.
+_HF_EMBED = {**hf._EMBED, "classifier.weight": "head.weight", "classifier.bias": "head.bias"}
+_HF_UNUSED = tuple(hf._DROPPED)
+_HF_BLOCK, _HF_QKV, _HF_BLOCK_KEY = hf._BLOCK, hf._QKV, hf._BLOCK_KEY
 
 
 def detect_layout(state_dict: dict) -> str:
-    """'hf' for Hugging Face ViT keys, 'timm' for timm's (= ours)."""
+    """'hf' for Hugging Face ViT-family keys, 'timm' for timm's (= ours)."""
     keys = [_strip(k) for k in state_dict]
-    if any("embeddings.patch_embeddings" in k for k in keys):
+    if hf.is_hf_state_dict(keys):
         return "hf"
     if any(k.startswith("patch_embed.") or k.startswith("blocks.") for k in keys):
         return "timm"
@@ -116,12 +93,12 @@ def _strip(key: str) -> str:
     return key
 
 
-def convert_state_dict(state_dict: dict, source: str = "auto") -> dict:
-    """A timm or Hugging Face ViT state_dict in our (timm's) layout.
+def convert_state_dict(state_dict: dict, source: str = "auto", notes: list | None = None) -> dict:
+    """A timm or Hugging Face state_dict of the ViT family in our (timm's) layout.
 
-    ``source`` is "auto", "timm" or "hf". Hugging Face's separate query/key/value
-    projections are concatenated into one qkv Linear. Keys this function does not
-    understand raise a ValueError rather than being dropped.
+    ``source`` is "auto", "timm" or "hf" (see ``vit.hf.convert_state_dict`` for the HF
+    families). What is dropped (text towers, poolers ...) is appended to ``notes``; keys
+    this function does not understand raise a ValueError rather than being dropped.
     """
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
@@ -129,40 +106,25 @@ def convert_state_dict(state_dict: dict, source: str = "auto") -> dict:
         raise ValueError(f"source must be 'auto', 'timm' or 'hf', got {source!r}")
     if source == "auto":
         source = detect_layout(state_dict)
+    stripped = {_strip(k): v for k, v in state_dict.items()}
     if source == "timm":
-        return {_strip(k): v for k, v in state_dict.items()}
-    return _convert_hf(state_dict)
+        return _from_original_dinov2(stripped, [] if notes is None else notes)
+    return hf.convert_state_dict(stripped, notes)
 
 
-def _convert_hf(state_dict: dict) -> dict:
-    out, qkv_parts, unknown = {}, {}, []
-    for raw_key, value in state_dict.items():
-        key = _strip(raw_key)
-        key = key[len("vit."):] if key.startswith("vit.") else key
-        if key in _HF_EMBED:
-            out[_HF_EMBED[key]] = value
-            continue
-        if key in _HF_UNUSED:
-            continue
-        match = _HF_BLOCK_KEY.match(key)
-        if match:
-            index, name, kind = match.groups()
-            if name in _HF_BLOCK:
-                out[f"blocks.{index}.{_HF_BLOCK[name]}.{kind}"] = value
-                continue
-            if name in _HF_QKV:
-                qkv_parts.setdefault((index, kind), [None] * 3)[_HF_QKV[name]] = value
-                continue
-        unknown.append(raw_key)
-    if unknown:
-        raise ValueError(f"unrecognised Hugging Face ViT keys: {unknown[:10]}"
-                         f"{' ...' if len(unknown) > 10 else ''}")
-    for (index, kind), parts in qkv_parts.items():
-        if any(p is None for p in parts):
-            missing = [n for n, p in zip("qkv", parts) if p is None]
-            raise ValueError(f"block {index} has an incomplete query/key/value {kind}: missing {missing}")
-        out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
-    return out
+def _from_original_dinov2(state: dict, notes: list) -> dict:
+    """Meta's DINOv2 checkpoints are timm's layout but for ``mask_token`` (pretraining only,
+    dropped) and ``register_tokens``, which, as in HF's port, come after the position
+    embedding was added: folded as ``vit.hf`` does (class position into cls_token)."""
+    if "mask_token" in state:
+        state.pop("mask_token")
+        notes.append("dropped the masked-image-modeling token (pretraining only): mask_token")
+    if "register_tokens" in state:
+        state["reg_token"] = state.pop("register_tokens")
+        pos = state["pos_embed"]
+        state["cls_token"], state["pos_embed"] = state["cls_token"] + pos[:, :1], pos[:, 1:]
+        notes.append("folded the class token's position embedding into cls_token (registers: no_embed_class)")
+    return state
 
 
 # ---------------------------------------------------------------------- files
@@ -186,10 +148,13 @@ def save(state_dict, path, config=None, metadata: dict | None = None) -> None:
 
 
 def load(path) -> dict:
-    """Read a state_dict from ``.safetensors`` (safe) or ``.bin``/``.pth``/``.pt`` (weights only)."""
+    """Read a state_dict from ``.safetensors`` (safe) or ``.bin``/``.pth``/``.pt`` (weights only),
+    or from the shards a Hugging Face ``*.index.json`` lists."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    if path.name.endswith(".index.json"):
+        return _load_shards(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -206,6 +171,20 @@ def load(path) -> dict:
         return obj
     raise ValueError(f"unsupported checkpoint format {path.suffix!r} for {path}; "
                      "expected .safetensors, .bin, .pth or .pt")
+
+
+def _load_shards(index: Path) -> dict:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{index} is not a Hugging Face shard index (a JSON 'weight_map'): {exc}") from exc
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(load(index.parent / shard))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise ValueError(f"the shards of {index} lack {len(missing)} listed tensors, e.g. {missing[:3]}")
+    return state
 
 
 def load_metadata(path) -> dict:
@@ -257,7 +236,7 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict) -> None:
 # transformers' num_labels re-initialize the classifier, resample the position embedding
 # and adapt the patch embedding to the channel count; everything else must match.
 
-HEAD_KEYS = ("head.weight", "head.bias")
+HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
 
 
 def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -294,6 +273,7 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)  # checkpoint keys the model has no place for
     resampled: list[str] = field(default_factory=list)  # "pos_embed: 14x14 -> 24x24"
     adapted: list[str] = field(default_factory=list)  # "patch_embed.proj.weight: 3 -> 1 channels"
+    notes: list[str] = field(default_factory=list)  # what the key conversion dropped or folded
 
     def __str__(self) -> str:
         parts = [f"loaded {len(self.loaded)} tensors" + (f" from {self.source}" if self.source else "")]
@@ -301,7 +281,7 @@ class LoadReport:
                             ("resampled", self.resampled), ("adapted", self.adapted)):
             if items:
                 parts.append(f"{what}: {', '.join(items)}")
-        return "; ".join(parts)
+        return "; ".join(parts + self.notes)  # each note a sentence of its own
 
 
 def _grid_of(tokens: int, where: str) -> tuple[int, int]:
@@ -334,7 +314,7 @@ def fit_state_dict(model: torch.nn.Module, state_dict: dict, source: str = "",
     pos, want = state.get("pos_embed"), expected.get("pos_embed")
     if pos is not None and want is not None and pos.shape != want.shape and pos.dim() == 3 \
             and pos.shape[-1] == want.shape[-1]:
-        prefix = model.num_prefix_tokens
+        prefix = model.config.pos_prefix_tokens  # 0 with no_embed_class
         old = tuple(grid) if grid is not None else _grid_of(pos.shape[1] - prefix, f"{source or 'checkpoint'}")
         new = tuple(model.config.grid_size)
         state["pos_embed"] = resample_pos_embed(pos, new, old, num_prefix_tokens=prefix)

@@ -60,7 +60,9 @@ class Preprocess:
     """resize: an int resizes the shorter side to it (aspect kept), (h, w) resizes to exactly
     that, None keeps the size; crop: center crop (h, w) or None; the pixels are then
     multiplied by ``rescale`` and, with ``normalize``, standardized by mean and std.
-    Three mean/std values give RGB images, one value gray ("L") images."""
+    Three mean/std values give RGB images, one value gray ("L") images. ``crop_offset``:
+    where an odd margin puts the crop, "round" (timm / torchvision: round((H - h) / 2)) or
+    "floor" (transformers: (H - h) // 2)."""
 
     resize: int | tuple[int, int] | None
     crop: tuple[int, int] | None
@@ -69,6 +71,7 @@ class Preprocess:
     interpolation: str = "bicubic"
     rescale: float = 1 / 255
     normalize: bool = True
+    crop_offset: str = "round"
 
     def __post_init__(self):
         if self.resize is not None and not isinstance(self.resize, int):
@@ -77,6 +80,10 @@ class Preprocess:
             raise ValueError(f"resize must be a positive int, (height, width) or None, got {self.resize!r}")
         if self.crop is not None:
             object.__setattr__(self, "crop", _pair("crop", self.crop))
+        if self.crop_offset not in ("round", "floor"):
+            raise ValueError(f"crop_offset must be 'round' or 'floor', got {self.crop_offset!r}")
+        if self.crop is None:
+            object.__setattr__(self, "crop_offset", "round")  # no crop: the rule means nothing
         if self.interpolation not in _FILTERS:
             raise ValueError(f"interpolation must be one of {', '.join(_FILTERS)}, got {self.interpolation!r}")
         for name in ("mean", "std"):
@@ -121,8 +128,10 @@ class Preprocess:
             image = image.resize((size[1], size[0]), Image.Resampling[self.interpolation.upper()])
         if self.crop is not None:
             ch, cw = self.crop
-            top = int(round((image.height - ch) / 2.0))
-            left = int(round((image.width - cw) / 2.0))
+            if self.crop_offset == "floor":
+                top, left = (image.height - ch) // 2, (image.width - cw) // 2
+            else:
+                top, left = int(round((image.height - ch) / 2.0)), int(round((image.width - cw) / 2.0))
             # outside the image PIL fills with zeros, i.e. pads small images with black
             image = image.crop((left, top, left + cw, top + ch))
         pixels = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, self.channels)
@@ -146,44 +155,51 @@ def default_preprocess(img_hw, crop_pct: float = DEFAULT_CROP_PCT, in_chans: int
     return Preprocess(resize=resize, crop=(height, width))
 
 
-def _hf_size(value, name: str):
-    """HF's size / crop_size field -> an int (shorter side) or (h, w)."""
-    if isinstance(value, int):
-        return value, None
+# Processors whose bare-int ``size`` (legacy configs, e.g. OpenAI's CLIP: "size": 224) is the
+# shorter side, as transformers reads them (default_to_square=False); others read a square.
+_SHORTEST_EDGE_PROCESSORS = ("CLIP", "ChineseCLIP", "Bit", "Siglip")
+
+
+def _hf_size(value, name: str, int_is_shortest_edge: bool = False):
+    """HF's size / crop_size field -> (an int (shorter side) or (h, w), its kind)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, "shortest_edge") if int_is_shortest_edge else ((value, value), None)
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be an int or a dict, got {value!r}")
     if "height" in value and "width" in value:
         return (int(value["height"]), int(value["width"])), None
-    if "shortest_edge" in value and "longest_edge" not in value:
+    if "shortest_edge" in value and not value.get("longest_edge"):
         return int(value["shortest_edge"]), "shortest_edge"
     raise ValueError(f"unsupported {name} {value!r}: expected {{'height', 'width'}} or {{'shortest_edge'}}")
 
 
 def from_hf_config(cfg: dict) -> Preprocess:
-    """The recipe of a Hugging Face image processor config (``preprocessor_config.json``)."""
+    """The recipe of a Hugging Face image processor config (``preprocessor_config.json``):
+    ViT, DeiT, BiT (DINOv2), CLIP, SigLIP, ConvNeXt-style crop_pct; crops placed as
+    transformers places them (``crop_offset="floor"``)."""
     if not isinstance(cfg, dict):
         raise TypeError(f"expected the preprocessor config as a dict, got {type(cfg).__name__}")
     resample = cfg.get("resample", 2)
     interpolation = _FILTERS[resample] if isinstance(resample, int) and 0 <= resample < len(_FILTERS) \
         else str(resample).lower()
+    kind_name = str(cfg.get("image_processor_type") or cfg.get("feature_extractor_type") or "")
+    shortest = kind_name.startswith(_SHORTEST_EDGE_PROCESSORS)
     resize, crop = None, None
     if cfg.get("do_resize", True) and "size" in cfg:
-        resize, kind = _hf_size(cfg["size"], "size")
-        if kind == "shortest_edge" and "crop_pct" in cfg and cfg.get("crop_pct"):
+        resize, kind = _hf_size(cfg["size"], "size", int_is_shortest_edge=shortest)
+        if kind == "shortest_edge" and cfg.get("crop_pct"):
             # ConvNeXt-style: resize the shorter side to size / crop_pct, then crop size
             crop = (resize, resize)
             resize = int(resize / float(cfg["crop_pct"]))
-        elif isinstance(resize, int) and kind is None:
-            resize = (resize, resize)  # a bare int size means a square (ViT's legacy format)
     if cfg.get("do_center_crop", False) and "crop_size" in cfg:
-        size, _ = _hf_size(cfg["crop_size"], "crop_size")
+        size, _ = _hf_size(cfg["crop_size"], "crop_size")  # a bare-int crop is square everywhere
         crop = size if isinstance(size, tuple) else (size, size)
     return Preprocess(
         resize=resize, crop=crop,
         mean=tuple(cfg.get("image_mean", IMAGENET_MEAN)), std=tuple(cfg.get("image_std", IMAGENET_STD)),
         interpolation=interpolation,
         rescale=float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0,
-        normalize=bool(cfg.get("do_normalize", True)))
+        normalize=bool(cfg.get("do_normalize", True)), crop_offset="floor")
 
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
