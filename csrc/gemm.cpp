@@ -1,10 +1,13 @@
 // The Linear GEMMs (see gemm.h): oneDNN's inner product where it runs, ATen's otherwise.
 //
-// Measured (interleaved, per-round ratios, median of rounds; 2-core AMD EPYC with AVX-512
-// and avx512_bf16, 2 threads, a busy shared machine): see the report of issue 19's GEMM work
-// and bench/test_bench_cpp.py (the linear cases). Weights are not prepacked: oneDNN's
-// reorder of a dense weight on every call costs a few percent at ViT shapes, within this
-// machine's noise, and packed weights would be state to keep in step with the parameters.
+// Measured on a 2-core AMD EPYC (AVX-512, avx512_bf16), ViT-S/16 and ViT-B/16 shapes, batch 1
+// and 8, interleaved, median of per-round ratios, one thread timed by its CPU time (the
+// machine was oversubscribed, so wall times at 2 threads mostly measured waiting for a core):
+// fp32 forward 1.02-1.3x F.linear (ViT-S: qkv 1.0-1.24x, fc2 1.02-1.1x; ViT-B 1.02-1.2x),
+// bf16 forward 1.0-1.14x (F.linear already runs oneDNN's matmul in bf16). Backward: see matmul.
+// Prepacked weights (mkldnn::_reorder_linear_weight, once per weight) add 4-10% on top of
+// the dense forward; not done: they would be inference-only state to keep in step with the
+// parameters, for a few percent.
 #include "gemm.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -109,9 +112,15 @@ void linear_accumulate_(const at::Tensor& out2d, const at::Tensor& x2d, const at
 }
 
 at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) {
-  // a @ b is a Linear with weight b^T: a transposed view, which oneDNN reads as it is.
+  // a @ b is a Linear with weight b^T (a transposed view, which oneDNN reads as it is). That
+  // pays only in fp32 with a's rows contiguous (dX = dY W: 1.1-1.4x at::mm, one thread). A
+  // transposed a (dW = dY^T X) makes oneDNN reorder it: 0.87-1.05x MKL's sgemm, which reads
+  // it in place. bf16: at::mm already runs oneDNN's matmul on CPUs with bf16 support
+  // (inner product: 0.98-1.0x for dX, 0.88-1.0x for dW).
   const at::Tensor weight = b.t();
-  if (usable(a, weight)) return call_pointwise(a, weight, std::nullopt, Activation::kNone);
+  if (a.scalar_type() == at::kFloat && a.stride(1) == 1 && usable(a, weight)) {
+    return call_pointwise(a, weight, std::nullopt, Activation::kNone);
+  }
   return at::mm(a, b);
 }
 

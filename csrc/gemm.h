@@ -6,9 +6,8 @@
 // inner product (the dispatcher op mkldnn::_linear_pointwise, what inductor's mkldnn fusion
 // emits); otherwise through ATen's addmm / mm (MKL's sgemm for fp32 in the x86 wheels).
 // Why: on AMD CPUs MKL's sgemm takes a slower code path, while oneDNN picks its instruction
-// set from the CPU itself. Measured on a 2-core AMD EPYC (AVX-512, avx512_bf16), 2 threads,
-// ViT-S/16 shapes, fp32: forward 1.3-2.2x F.linear, dX 1.6-2.0x and dW 1.3-1.5x at::mm
-// (gemm.cpp's header has the figures and the command).
+// set from the CPU itself (gemm.cpp has the figures: fp32 forward 1.02-1.3x F.linear on the
+// AMD EPYC measured; bf16 about even).
 //
 // Detection, per dtype, once (gemm.cpp): torch built with MKLDNN, the op registered, oneDNN's
 // own CPU check for bf16 / fp16 (mkldnn::_is_mkldnn_bf16_supported / _fp16_supported, as
