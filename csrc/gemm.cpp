@@ -4,7 +4,8 @@
 // and 8, interleaved, median of per-round ratios, one thread timed by its CPU time (the
 // machine was oversubscribed, so wall times at 2 threads mostly measured waiting for a core):
 // fp32 forward 1.02-1.3x F.linear (ViT-S: qkv 1.0-1.24x, fc2 1.02-1.1x; ViT-B 1.02-1.2x),
-// bf16 forward 1.0-1.14x (F.linear already runs oneDNN's matmul in bf16). Backward: see matmul.
+// bf16 forward 1.0-1.14x (F.linear already runs oneDNN's matmul in bf16). At 2 threads (wall,
+// interleaved, same machine busy) fp32 forward measured 1.2-2.2x. Backward: see matmul.
 // Prepacked weights (mkldnn::_reorder_linear_weight, once per weight) add 4-10% on top of
 // the dense forward; not done: they would be inference-only state to keep in step with the
 // parameters, for a few percent.
@@ -112,13 +113,16 @@ void linear_accumulate_(const at::Tensor& out2d, const at::Tensor& x2d, const at
 }
 
 at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) {
-  // a @ b is a Linear with weight b^T (a transposed view, which oneDNN reads as it is). That
-  // pays only in fp32 with a's rows contiguous (dX = dY W: 1.1-1.4x at::mm, one thread). A
-  // transposed a (dW = dY^T X) makes oneDNN reorder it: 0.87-1.05x MKL's sgemm, which reads
-  // it in place. bf16: at::mm already runs oneDNN's matmul on CPUs with bf16 support
-  // (inner product: 0.98-1.0x for dX, 0.88-1.0x for dW).
+  // a @ b is a Linear with weight b^T (a transposed view, which oneDNN reads as it is).
+  // fp32, ViT-S/16 batch 8 (ratios to at::mm, i.e. MKL's sgemm):
+  //   dX = dY W     1.3-2.0x at 2 threads (wall), 1.09-1.43x at one thread (CPU time);
+  //   dW = dY^T X   1.09-1.66x at 2 threads (wall), 0.87-1.05x at one thread: oneDNN
+  //                 reorders the transposed dY^T that MKL reads in place, which costs more
+  //                 than it gains on one core; taken anyway, as the 2-thread case is the target.
+  // bf16: at::mm already runs oneDNN's matmul on CPUs with bf16 support, and the inner
+  // product measured 0.62-1.02x of it (dW the worst): bf16 stays on at::mm.
   const at::Tensor weight = b.t();
-  if (a.scalar_type() == at::kFloat && a.stride(1) == 1 && usable(a, weight)) {
+  if (a.scalar_type() == at::kFloat && usable(a, weight)) {
     return call_pointwise(a, weight, std::nullopt, Activation::kNone);
   }
   return at::mm(a, b);
