@@ -6,7 +6,8 @@ ViT-S/16 shapes, batch 8, fp32: images 8x3x224x224, 197 tokens of width 384, 6 h
 * ``cpp``   -- ``fastvit_kernels.<op>`` under ``backend("cpp")`` (the functional API,
   validation and dispatch included, as users call it);
 * ``eager`` -- the plain PyTorch composition: ``reference.<op>`` (conv2d + cat + add,
-  ``x + r`` + ``F.layer_norm``, ``F.linear`` + ``F.gelu``, and
+  ``x + r`` + ``F.layer_norm``, ``F.linear`` (the qkv projection, 384 -> 1152),
+  ``F.linear`` + ``F.gelu``, and
   ``F.scaled_dot_product_attention`` -- its own CPU flash kernel -- for attention).
 
 End to end: ViT-S/16 inference, batch 8, fp32 and bf16 autocast, the fast model
@@ -60,6 +61,10 @@ def _case(op: str, grad: bool):
         args = (_rand(BATCH, TOKENS, DIM, grad=grad), _rand(HIDDEN, DIM, std=0.02, grad=grad),
                 _rand(HIDDEN, grad=grad), "none")
         return args, reference.linear_gelu
+    if op == "linear":  # the qkv projection
+        args = (_rand(BATCH, TOKENS, DIM, grad=grad), _rand(3 * DIM, DIM, std=0.02, grad=grad),
+                _rand(3 * DIM, grad=grad))
+        return args, reference.linear
     if op == "attention":
         args = tuple(_rand(BATCH, HEADS, TOKENS, DIM // HEADS, grad=grad) for _ in range(3)) + (None,)
         return args, reference.attention
@@ -71,6 +76,7 @@ def _case(op: str, grad: bool):
 FLOPS = {  # forward multiply-adds x 2
     "patch_embed": 2 * BATCH * (TOKENS - 1) * 3 * PATCH * PATCH * DIM,
     "linear_gelu": 2 * BATCH * TOKENS * DIM * HIDDEN,
+    "linear": 2 * BATCH * TOKENS * DIM * 3 * DIM,
     "attention": 4 * BATCH * HEADS * TOKENS * TOKENS * (DIM // HEADS),
     "packed_attention": 4 * BATCH * HEADS * TOKENS * TOKENS * (DIM // HEADS),
 }
@@ -96,8 +102,8 @@ def _timed(fn, args, backward: bool):
 
 @pytest.mark.parametrize("provider", ["eager", "cpp"])
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("op", ["patch_embed", "layer_norm", "add_layer_norm", "linear_gelu", "attention",
-                                "packed_attention"])
+@pytest.mark.parametrize("op", ["patch_embed", "layer_norm", "add_layer_norm", "linear", "linear_gelu",
+                                "attention", "packed_attention"])
 def test_op(benchmark, op, direction, provider):
     backward = direction == "fwd+bwd"
     args, eager = _case(op, grad=backward)

@@ -302,6 +302,35 @@ std::tuple<Tensor, Tensor> packed_attention_fwd_autograd(const Tensor& qkv, int6
   return {outs[0], outs[1]};
 }
 
+// Linear --------------------------------------------------------------------------------
+// Saves (x, weight); backward computes only the gradients autograd asks for (a frozen
+// weight, or an input that needs none, saves a GEMM).
+struct LinearFunction : torch::autograd::Function<LinearFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                               const OptionalTensor& bias) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Tensor out = op<&linear>("fastvit::linear").call(x, weight, bias);
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["has_bias"] = present(bias);
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    auto [dx, dweight, dbias] =
+        op<&linear_bwd>("fastvit::linear_bwd")
+            .call(grads[0], x, weight, ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                  has_bias && ctx->needs_input_grad(2));
+    return Grads(ctx).tensor(dx).tensor(dweight).optional(has_bias, dbias).done();
+  }
+};
+
+Tensor linear_autograd(const Tensor& x, const Tensor& weight, const OptionalTensor& bias) {
+  return LinearFunction::apply(x, weight, bias)[0];
+}
+
 }  // namespace
 }  // namespace fastvit
 
@@ -314,4 +343,5 @@ TORCH_LIBRARY_IMPL(fastvit, Autograd, m) {
   m.impl("patch_embed", &fastvit::patch_embed_autograd);
   m.impl("attention_fwd", &fastvit::attention_fwd_autograd);
   m.impl("packed_attention_fwd", &fastvit::packed_attention_fwd_autograd);
+  m.impl("linear", &fastvit::linear_autograd);
 }

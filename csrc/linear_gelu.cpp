@@ -5,6 +5,7 @@
 // GEMMs for dx and dweight.
 #include "checks.h"
 #include "common.h"
+#include "gemm.h"
 #include "ops.h"
 
 namespace fastvit {
@@ -61,13 +62,12 @@ void gelu_row(T* pre, const acc_t<T>* bias, T* out, int64_t n, bool tanh_approx,
 // MKL's GEMM + this pass at ViT-S/16 fc1, batch 8, one thread).
 void linear_gelu_impl(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       at::Tensor& pre, at::Tensor& out, bool tanh_approx) {
-  const at::Tensor wt = weight.t();
   const bool reduced = x2d.scalar_type() == at::kBFloat16 || x2d.scalar_type() == at::kHalf;
   const bool bias_in_pass = bias.has_value() && !reduced;
   if (bias.has_value() && !bias_in_pass) {
-    at::addmm_out(pre, *bias, x2d, wt);
+    pre = gemm::linear(x2d, weight, bias);  // rebinds pre (and out, when they are one tensor)
   } else {
-    at::mm_out(pre, x2d, wt);
+    pre = gemm::linear(x2d, weight, std::nullopt);
   }
   const int64_t rows = pre.size(0), n = pre.size(1);
   if (rows == 0 || n == 0) return;
@@ -189,8 +189,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(
     });
     dbias = partials.reduce(0, 1, x.scalar_type());
   });
-  at::Tensor dx = at::mm(gp, weight).view(x.sizes());
-  at::Tensor dweight = at::mm(gp.t(), x2d);
+  at::Tensor dx = gemm::matmul(gp, weight).view(x.sizes());
+  at::Tensor dweight = gemm::matmul(gp.t(), x2d);
   return {dx, dweight, dbias};
 }
 

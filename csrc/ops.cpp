@@ -44,6 +44,9 @@ TORCH_LIBRARY(fastvit, m) {
   m.def("packed_attention_fwd(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)");
   m.def("packed_attention_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale)"
         " -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor weight, bool x_grad, bool weight_grad, bool bias_grad)"
+        " -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastvit, CPU, m) {
@@ -59,4 +62,6 @@ TORCH_LIBRARY_IMPL(fastvit, CPU, m) {
   m.impl("attention_bwd", &fastvit::attention_bwd);
   m.impl("packed_attention_fwd", &fastvit::packed_attention_fwd);
   m.impl("packed_attention_bwd", &fastvit::packed_attention_bwd);
+  m.impl("linear", &fastvit::linear);
+  m.impl("linear_bwd", &fastvit::linear_bwd);
 }

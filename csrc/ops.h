@@ -63,4 +63,11 @@ at::Tensor packed_attention_bwd(const at::Tensor& grad_out, const at::Tensor& qk
 // The instruction set the kernels were compiled for: "DEFAULT", "AVX2" or "AVX512".
 std::string cpu_capability();
 
+// x @ weight.T + bias
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+// (dx, dweight, dbias), each an empty (0,) tensor unless its flag asks for it
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(const at::Tensor& grad_out, const at::Tensor& x,
+                                                          const at::Tensor& weight, bool x_grad, bool weight_grad,
+                                                          bool bias_grad);
+
 }  // namespace fastvit

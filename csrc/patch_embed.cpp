@@ -7,6 +7,7 @@
 // contribute nothing to dweight).
 #include "checks.h"
 #include "common.h"
+#include "gemm.h"
 #include "ops.h"
 
 namespace fastvit {
@@ -115,7 +116,7 @@ at::Tensor patch_embed(const at::Tensor& images, const at::Tensor& weight, const
   if (cls_token.has_value()) start.narrow(0, 0, 1).add_(cls_token->reshape({1, D}));
   at::Tensor out = start.unsqueeze(0).expand({B, T, D}).contiguous();
   if (B == 0) return out;
-  out.view({B * T, D}).addmm_(im2col(images, g), weight.reshape({D, -1}).t());
+  gemm::linear_accumulate_(out.view({B * T, D}), im2col(images, g), weight.reshape({D, -1}));
   return out;
 }
 
@@ -137,9 +138,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
   const at::Tensor dcls = has_cls ? dpos.select(0, 0).clone() : at::zeros({D}, g2d.options());
   const at::Tensor dbias = dpos.narrow(0, prefix, grid).sum(0);
   // Class-token rows of the patch matrix are zero: the full-gradient GEMM is exact.
-  const at::Tensor dweight = at::mm(g2d.t(), im2col(images, geom)).view(weight.sizes());
+  const at::Tensor dweight = gemm::matmul(g2d.t(), im2col(images, geom)).view(weight.sizes());
   if (!images_grad) return {at::empty({0}, g2d.options()), dweight, dbias, dpos, dcls};
-  const at::Tensor dimages = col2im(at::mm(g2d, weight.reshape({D, -1})), geom);
+  const at::Tensor dimages = col2im(gemm::matmul(g2d, weight.reshape({D, -1})), geom);
   return {dimages, dweight, dbias, dpos, dcls};
 }
 

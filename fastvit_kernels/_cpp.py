@@ -192,6 +192,18 @@ def _register_fakes() -> None:
         return qkv.new_empty(qkv.shape)
 
 
+def _register_linear_fakes() -> None:
+    @torch.library.register_fake("fastvit::linear")
+    def _(x, weight, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("fastvit::linear_bwd")
+    def _(grad_out, x, weight, x_grad, weight_grad, bias_grad):
+        none = (0,)
+        return (x.new_empty(x.shape if x_grad else none), weight.new_empty(weight.shape if weight_grad else none),
+                weight.new_empty((weight.shape[0],) if bias_grad else none))
+
+
 # ------------------------------------------------------------------- public signatures
 def _needs_grad(x, weight, bias) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
@@ -225,6 +237,10 @@ def attention(q, k, v, scale=None):
 def packed_attention(qkv, num_heads, scale=None):
     scale = default_scale(qkv.shape[-1] // (3 * num_heads)) if scale is None else scale
     return torch.ops.fastvit.packed_attention_fwd(qkv, num_heads, scale)[0]
+
+
+def linear(x, weight, bias):
+    return torch.ops.fastvit.linear(x, weight, bias)
 
 
 _PUBLIC = {name: globals()[name] for name in reference.OPS}  # every op, by the functions above
@@ -262,6 +278,7 @@ def _init() -> None:
                       RuntimeWarning, stacklevel=3)
         raise ImportError(UNAVAILABLE_REASON) from exc
     _register_fakes()
+    _register_linear_fakes()
     OPS.update(_PUBLIC)
 
 

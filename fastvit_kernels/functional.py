@@ -216,6 +216,23 @@ def linear_gelu(x, weight, bias, approximate: str = "none"):
     return _run("linear_gelu", device, cast, x, weight, _contiguous(bias), approximate)
 
 
+def linear(x, weight, bias):
+    """``x @ weight.T + bias``, as ``F.linear``: the Linear layers without an activation
+    (qkv, proj, fc2, head), so that each backend runs its own GEMM for them."""
+    _check_tensor("x", x)
+    _check_tensor("weight", weight, 2)
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x's last dimension must equal weight's in_features {weight.shape[1]} "
+                         f"(weight {tuple(weight.shape)}), got x of shape {tuple(x.shape)}")
+    _check_optional("bias", bias, (weight.shape[0],))
+    device = x.device
+    cast = _autocast_dtype(device)
+    if cast is not None:
+        x, weight, bias = _cast(cast, x, weight, bias)
+    _check_same("x", x, "weight", weight, "bias", bias)
+    return _run("linear", device, cast, x, weight, _contiguous(bias))
+
+
 def attention(q, k, v, scale: float | None = None):
     """Non-causal scaled dot-product attention on (B, H, N, d) tensors, SDPA semantics.
 

@@ -73,6 +73,10 @@ def packed_attention(qkv, num_heads, scale=None):
     return attention(q, k, v, scale).transpose(1, 2).reshape(batch, tokens, width // 3)
 
 
+def linear(x, weight, bias):
+    return F.linear(x, weight, bias)
+
+
 OPS = {
     "patch_embed": patch_embed,
     "layer_norm": layer_norm,
@@ -80,4 +84,5 @@ OPS = {
     "linear_gelu": linear_gelu,
     "attention": attention,
     "packed_attention": packed_attention,
+    "linear": linear,
 }

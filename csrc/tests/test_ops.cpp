@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "gemm.h"
 #include "ops.h"
 
 namespace {
@@ -243,6 +244,31 @@ void test_checks() {
                "must be 3 * num_heads * head_dim with num_heads=4");
 }
 
+// gemm.h: the Linear GEMMs (oneDNN or ATen, whichever runs here), the GELU epilogues, the
+// in-place accumulation, and matmul with plain and transposed operands.
+void test_gemm() {
+  namespace gemm = fastvit::gemm;
+  std::printf("gemm: oneDNN for fp32 %d, bf16 %d, fp16 %d\n", gemm::onednn_gemm(at::kFloat),
+              gemm::onednn_gemm(at::kBFloat16), gemm::onednn_gemm(at::kHalf));
+  auto x = randn({394, 200}), w = randn({300, 200}, 0.0, 0.1), b = randn({300}), g = randn({394, 300});
+  auto xd = dbl(x).detach(), wd = dbl(w).detach(), bd = dbl(b).detach(), gd = dbl(g).detach();
+  expect_close("gemm linear", gemm::linear(x, w, b), at::linear(xd, wd, bd));
+  expect_close("gemm linear gelu", gemm::linear(x, w, b, gemm::Activation::kGelu), at::gelu(at::linear(xd, wd, bd)));
+  expect_close("gemm linear gelu tanh", gemm::linear(x, w, std::nullopt, gemm::Activation::kGeluTanh),
+               at::gelu(at::linear(xd, wd), "tanh"));
+  auto xt = randn({200, 394}).t();  // transposed rows
+  expect_close("gemm linear (transposed x)", gemm::linear(xt, w, b), at::linear(dbl(xt).detach(), wd, bd));
+  auto acc = randn({394, 300});
+  auto acc_ref = dbl(acc).detach() + at::linear(xd, wd);
+  gemm::linear_accumulate_(acc, x, w);
+  expect_close("gemm linear_accumulate_", acc, acc_ref);
+  expect_close("gemm matmul (dX)", gemm::matmul(g, w), at::mm(gd, wd));
+  expect_close("gemm matmul (dW)", gemm::matmul(g.t(), x), at::mm(gd.t(), xd));
+  auto b4 = randn({4});  // an empty product: the bias, broadcast
+  expect_close("gemm linear (in_features 0)", gemm::linear(randn({3, 0}), randn({4, 0}), b4),
+               dbl(b4).detach().expand({3, 4}));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -252,6 +278,7 @@ int main(int argc, char** argv) {
       {"attention", test_attention},     {"packed_attention", test_packed_attention},
       {"dispatcher", test_dispatcher},   {"checks", test_checks},
       {"autograd", test_autograd},
+      {"gemm", test_gemm},
   };
   at::manual_seed(0);
   std::printf("kernels compiled for %s\n", fastvit::cpu_capability().c_str());

@@ -18,6 +18,7 @@ _OP_MODULES = {
     "patch_embed": ("patch_embed", "patch_embed"),
     "attention": ("attention", "attention"),
     "packed_attention": ("attention", "packed_attention"),
+    "linear": ("linear", "linear"),
 }
 
 OPS = {}

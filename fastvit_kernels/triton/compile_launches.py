@@ -339,12 +339,26 @@ def _packed_attention(s: Shape, batch: int, dtype, extras: bool):
     _attention(q, k, v, out, dout, dq, dk, dv)
 
 
+def _linear(s: Shape, batch: int, dtype, extras: bool):
+    """The Linear layers without an activation: qkv (D -> 3D) with a bias, forward and
+    backward (dX, and dW with the bias gradient as row sums); the head (D -> 1000, one row
+    per image) without one."""
+    from fastvit_kernels.triton.linear import linear_backward, linear_forward
+    x = _empty(batch, s.tokens, s.dim, dtype=dtype)
+    weight, bias = _empty(3 * s.dim, s.dim, dtype=dtype), _empty(3 * s.dim, dtype=dtype)
+    linear_forward(x, weight, bias)
+    linear_backward(_empty(batch, s.tokens, 3 * s.dim, dtype=dtype), x, weight)
+    head = _empty(1000, s.dim, dtype=dtype)
+    linear_forward(_empty(batch, s.dim, dtype=dtype), head, None)
+
+
 WORKLOADS: dict[str, Callable] = {
     "patch_embed": _patch_embed,
     "layer_norm": _layer_norms,
     "linear_gelu": _linear_gelu,
     "attention": _unpacked_attention,
     "packed_attention": _packed_attention,
+    "linear": _linear,
 }
 
 
