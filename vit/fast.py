@@ -32,7 +32,7 @@ from . import layers, model
 from .config import ViTConfig
 
 # Every fused op a fast model may call (``ViT.ops()``: those of one model, ``backends()`` reports on them).
-MODEL_OPS = ("patch_embed", "layer_norm", "add_layer_norm", "linear_gelu", "packed_attention", "attention")
+MODEL_OPS = ("patch_embed", "layer_norm", "add_layer_norm", "linear_gelu", "linear", "packed_attention", "attention")
 
 # A config's act_layer -> linear_gelu's ``approximate``.
 APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh", "quick_gelu": "quick"}
@@ -95,8 +95,18 @@ class FastPatchEmbed(layers.PatchEmbed):
         return tokens.to(torch.promote_types(tokens.dtype, pos_embed.dtype))
 
 
+class FastLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and init) on the ``linear`` op, so that the backend picks
+    the GEMM (the cpp backend's oneDNN one beats eager's MKL sgemm on some CPUs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fk.linear(x, self.weight, self.bias)
+
+
 class FastAttention(layers.Attention):
     """qkv Linear -> packed attention straight from the (B, N, 3*D) qkv -> proj."""
+
+    linear_layer = FastLinear
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
         if self.training and self.attn_drop > 0:
@@ -107,6 +117,8 @@ class FastAttention(layers.Attention):
 class FastMlp(layers.Mlp):
     """fc1 + activation (GELU, tanh-GELU or QuickGELU) as one fused ``linear_gelu``, then
     dropout, fc2, dropout."""
+
+    linear_layer = FastLinear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         approximate = layers.gelu_approximation(self.act)
@@ -148,6 +160,7 @@ class FastAttentionPoolLatent(layers.AttentionPoolLatent):
 
     mlp_layer = FastMlp
     norm_layer = FastLayerNorm
+    linear_layer = FastLinear
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return fk.attention(q, k, v)
@@ -160,6 +173,7 @@ class ViT(model.ViT):
     block_layer = FastBlock
     norm_layer = FastLayerNorm
     attn_pool_layer = FastAttentionPoolLatent
+    linear_layer = FastLinear
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         grid = self.check_images(x)
@@ -222,6 +236,7 @@ class ViT(model.ViT):
             "layer_norm": (x, norm_w, norm_b, cfg.norm_eps),
             "add_layer_norm": (x, x, norm_w, norm_b, cfg.norm_eps, gamma),
             "linear_gelu": (empty(1, tokens, dim), empty(hidden, dim), empty(hidden), APPROXIMATE[cfg.act_layer]),
+            "linear": (empty(1, tokens, dim), empty(3 * dim, dim), empty(3 * dim)),
             "packed_attention": (empty(1, tokens, 3 * dim), heads, None),
         }
         if self.attn_pool is not None:  # one query over the patch tokens
@@ -253,4 +268,4 @@ class ViT(model.ViT):
 
 
 __all__ = ["FastAttention", "FastAttentionPoolLatent", "FastBlock", "FastLayerNorm", "FastMlp",
-           "FastPatchEmbed", "MODEL_OPS", "ViT", "layer_scale"]
+           "FastLinear", "FastPatchEmbed", "MODEL_OPS", "ViT", "layer_scale"]

@@ -71,14 +71,16 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv Linear and SDPA."""
 
+    linear_layer = nn.Linear
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = self.linear_layer(dim, dim * 3, bias=qkv_bias)
+        self.proj = self.linear_layer(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,12 +97,14 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     """fc1 -> activation (exact GELU unless ``act_layer`` says otherwise) -> dropout -> fc2 -> dropout."""
 
+    linear_layer = nn.Linear
+
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0, act_layer: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = make_act(act_layer)
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = self.linear_layer(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,6 +141,7 @@ class Block(nn.Module):
     attn_layer = Attention
     mlp_layer = Mlp
     norm_layer = nn.LayerNorm
+    linear_layer = nn.Linear
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int, qkv_bias: bool = True,
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
@@ -166,6 +171,7 @@ class AttentionPoolLatent(nn.Module):
 
     mlp_layer = Mlp
     norm_layer = nn.LayerNorm
+    linear_layer = nn.Linear
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int, norm_eps: float = 1e-6,
                  act_layer: str = "gelu"):
@@ -173,9 +179,9 @@ class AttentionPoolLatent(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.latent = nn.Parameter(torch.zeros(1, 1, dim))
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = self.linear_layer(dim, dim)
+        self.kv = self.linear_layer(dim, 2 * dim)
+        self.proj = self.linear_layer(dim, dim)
         self.norm = self.norm_layer(dim, eps=norm_eps)
         self.mlp = self.mlp_layer(dim, mlp_hidden_dim, 0.0, act_layer)
 

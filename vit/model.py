@@ -48,6 +48,7 @@ class ViT(nn.Module):
     block_layer = Block
     norm_layer = nn.LayerNorm
     attn_pool_layer = AttentionPoolLatent
+    linear_layer = nn.Linear  # the heads (blocks take theirs from their layers' classes)
 
     def __init__(self, config: ViTConfig | None = None, **overrides):
         super().__init__()
@@ -81,9 +82,9 @@ class ViT(nn.Module):
                           if cfg.global_pool == "map" else None)
         self.fc_norm = self.norm_layer(dim, eps=cfg.norm_eps) if cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
-        self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head = self.linear_layer(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         if cfg.distilled:
-            self.head_dist = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+            self.head_dist = self.linear_layer(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
 
     # ------------------------------------------------------------------ init / settings
