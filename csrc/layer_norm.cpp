@@ -101,6 +101,7 @@ void layer_norm_bwd_kernel(const T* dy, const T* grad_sum, const T* x, const acc
       if (row + 1 < end) {
         prefetch_row(x + (row + 1) * D, D);
         prefetch_row(dy + (row + 1) * D, D);
+        if (branch != nullptr) prefetch_row(branch + (row + 1) * D, D);
       }
       const A* xr = row_as_acc(x + row * D, xa, D);
       const A* dr = row_as_acc(dy + row * D, da, D);
