@@ -76,29 +76,30 @@ class Grads {
 
 // LayerNorm ---------------------------------------------------------------------------
 // Both norms save (LayerNorm's input, weight, mean, rstd) and share one backward; for
-// add_layer_norm the input is the sum x + residual, whose gradient reaches both.
+// add_layer_norm the input is the sum residual + x, whose gradient reaches both. With
+// LayerScale (gamma) add_layer_norm also saves (x, gamma) and has its own backward.
 void save_norm(AutogradContext* ctx, const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
-               const Tensor& mean, const Tensor& rstd) {
-  ctx->save_for_backward({input, weight.value_or(Tensor()), mean, rstd});
+               const Tensor& mean, const Tensor& rstd, variable_list extra = {}) {
+  variable_list to_save = {input, weight.value_or(Tensor()), mean, rstd};
+  to_save.insert(to_save.end(), extra.begin(), extra.end());
+  ctx->save_for_backward(std::move(to_save));
   ctx->saved_data["has_bias"] = present(bias);
   ctx->mark_non_differentiable({mean, rstd});
   ctx->set_materialize_grads(false);
 }
 
 // `summands` is how many forward arguments were added up into LayerNorm's input (1 or 2);
-// grad_sum is the gradient of add_layer_norm's sum output, if any.
-variable_list norm_backward(AutogradContext* ctx, const Tensor& grad_out, const OptionalTensor& grad_sum,
-                            int summands) {
+// grad_sum is the gradient of add_layer_norm's sum output, if any. Ends after eps: the
+// caller adds the entries of any later arguments.
+Grads norm_backward(AutogradContext* ctx, const Tensor& grad_out, const OptionalTensor& grad_sum, int summands) {
   const variable_list saved = ctx->get_saved_variables();
   const Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
   auto [dx, dweight, dbias] = op<&layer_norm_bwd>("fastvit::layer_norm_bwd")
                                   .call(or_zeros(grad_out, input), grad_sum, input, mean, rstd, as_optional(weight));
   Grads grads(ctx);
   for (int i = 0; i < summands; ++i) grads.tensor(dx);
-  return grads.optional(weight.defined(), dweight)
-      .optional(ctx->saved_data["has_bias"].toBool(), dbias)
-      .none()
-      .done();
+  grads.optional(weight.defined(), dweight).optional(ctx->saved_data["has_bias"].toBool(), dbias).none();
+  return grads;
 }
 
 struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
@@ -111,23 +112,43 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return norm_backward(ctx, grads[0], std::nullopt, 1);
+    return norm_backward(ctx, grads[0], std::nullopt, 1).done();
   }
 };
 
-// Outputs (normed, x + residual, mean, rstd).
+// Outputs (normed, summed, mean, rstd), summed = residual + x, or residual + gamma * x.
 struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& residual,
-                               const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
+                               const OptionalTensor& weight, const OptionalTensor& bias, double eps,
+                               const OptionalTensor& gamma) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, summed, mean, rstd] =
-        op<&add_layer_norm_fwd>("fastvit::add_layer_norm_fwd").call(x, residual, weight, bias, eps);
-    save_norm(ctx, summed, weight, bias, mean, rstd);
+        op<&add_layer_norm_fwd>("fastvit::add_layer_norm_fwd").call(x, residual, weight, bias, eps, gamma);
+    const bool scaled = present(gamma);
+    save_norm(ctx, summed, weight, bias, mean, rstd, scaled ? variable_list{x, *gamma} : variable_list{});
+    ctx->saved_data["has_gamma"] = scaled;
     return {out, summed, mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return norm_backward(ctx, grads[0], as_optional(grads[1]), 2);
+    if (!ctx->saved_data["has_gamma"].toBool()) {
+      return norm_backward(ctx, grads[0], as_optional(grads[1]), 2).none().done();
+    }
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &summed = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
+    const Tensor &x = saved[4], &gamma = saved[5];
+    auto [dsum, dx, dweight, dbias, dgamma] =
+        op<&add_layer_norm_bwd>("fastvit::add_layer_norm_bwd")
+            .call(or_zeros(grads[0], summed), as_optional(grads[1]), summed, mean, rstd, as_optional(weight), x,
+                  gamma);
+    return Grads(ctx)
+        .tensor(dx)
+        .tensor(dsum)
+        .optional(weight.defined(), dweight)
+        .optional(ctx->saved_data["has_bias"].toBool(), dbias)
+        .none()
+        .tensor(dgamma)
+        .done();
   }
 };
 
@@ -183,36 +204,42 @@ struct LinearGeluInferenceFunction : torch::autograd::Function<LinearGeluInferen
 };
 
 // Patch embedding -----------------------------------------------------------------------
-// The kernel returns dpos as (T, D) and dcls as (D,): reshaped to the inputs' shapes
-// (sizes kept symbolic, for torch.compile with dynamic shapes). The image gradient costs
-// a GEMM, so it is computed only when the images need one.
+// The kernel returns dpos as (rows, D) and dprefix as (n, D): reshaped to the inputs'
+// shapes (sizes kept symbolic, for torch.compile with dynamic shapes). Whether pos_embed
+// has rows for the prefix tokens follows from its row count, as in the forward. The image
+// gradient costs a GEMM, so it is computed only when the images need one.
 struct PatchEmbedFunction : torch::autograd::Function<PatchEmbedFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& images, const Tensor& weight,
-                               const OptionalTensor& bias, const Tensor& pos_embed,
-                               const OptionalTensor& cls_token) {
+                               const OptionalTensor& bias, const Tensor& pos_embed, const OptionalTensor& prefix) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    Tensor out = op<&patch_embed>("fastvit::patch_embed").call(images, weight, bias, pos_embed, cls_token);
+    Tensor out = op<&patch_embed>("fastvit::patch_embed").call(images, weight, bias, pos_embed, prefix);
     ctx->save_for_backward({images, weight});
     ctx->saved_data["has_bias"] = present(bias);
     ctx->saved_data["pos_shape"] = pos_embed.sym_sizes();
-    ctx->saved_data["has_cls"] = present(cls_token);
-    if (present(cls_token)) ctx->saved_data["cls_shape"] = cls_token->sym_sizes();
+    // out has n + grid rows; pos_embed n + grid (the prefix has positions) or grid.
+    ctx->saved_data["pos_prefix"] = pos_embed.sym_size(-2) == out.sym_size(1);
+    ctx->saved_data["has_prefix"] = present(prefix);
+    if (present(prefix)) ctx->saved_data["prefix_shape"] = prefix->sym_sizes();
     return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &images = saved[0], &weight = saved[1];
-    const bool has_cls = ctx->saved_data["has_cls"].toBool();
+    const bool has_prefix = ctx->saved_data["has_prefix"].toBool();
+    const int64_t n = has_prefix ? ctx->saved_data["prefix_shape"].toSymIntVector()[1].guard_int(__FILE__, __LINE__)
+                                 : 0;
     const bool images_grad = ctx->needs_input_grad(0);
-    auto [dimages, dweight, dbias, dpos, dcls] =
-        op<&patch_embed_bwd>("fastvit::patch_embed_bwd").call(grads[0], images, weight, has_cls, images_grad);
+    auto [dimages, dweight, dbias, dpos, dprefix] =
+        op<&patch_embed_bwd>("fastvit::patch_embed_bwd")
+            .call(grads[0], images, weight, n, ctx->saved_data["pos_prefix"].toBool(), images_grad);
     return Grads(ctx)
         .tensor(dimages)
         .tensor(dweight)
         .optional(ctx->saved_data["has_bias"].toBool(), dbias)
         .tensor(dpos.reshape_symint(ctx->saved_data["pos_shape"].toSymIntVector()))
-        .optional(has_cls, has_cls ? dcls.reshape_symint(ctx->saved_data["cls_shape"].toSymIntVector()) : Tensor())
+        .optional(has_prefix,
+                  has_prefix ? dprefix.reshape_symint(ctx->saved_data["prefix_shape"].toSymIntVector()) : Tensor())
         .done();
   }
 };
@@ -270,8 +297,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_autograd(const Tensor& x, cons
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_fwd_autograd(const Tensor& x, const Tensor& residual,
                                                                        const OptionalTensor& weight,
-                                                                       const OptionalTensor& bias, double eps) {
-  variable_list outs = AddLayerNormFunction::apply(x, residual, weight, bias, eps);
+                                                                       const OptionalTensor& bias, double eps,
+                                                                       const OptionalTensor& gamma) {
+  variable_list outs = AddLayerNormFunction::apply(x, residual, weight, bias, eps, gamma);
   return {outs[0], outs[1], outs[2], outs[3]};
 }
 
@@ -287,8 +315,8 @@ Tensor linear_gelu_autograd(const Tensor& x, const Tensor& weight, const Optiona
 }
 
 Tensor patch_embed_autograd(const Tensor& images, const Tensor& weight, const OptionalTensor& bias,
-                            const Tensor& pos_embed, const OptionalTensor& cls_token) {
-  return PatchEmbedFunction::apply(images, weight, bias, pos_embed, cls_token)[0];
+                            const Tensor& pos_embed, const OptionalTensor& prefix) {
+  return PatchEmbedFunction::apply(images, weight, bias, pos_embed, prefix)[0];
 }
 
 std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& v,

@@ -1,5 +1,5 @@
 // Helpers shared by the kernels: the accumulation type, row conversion to and from
-// it, vectorized row reductions and GELU.
+// it, vectorized row reductions and the GELU flavours.
 //
 // Vectorized<T> is ATen's SIMD wrapper. Which instruction set it uses is fixed when
 // this file is compiled, by the CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512 defines
@@ -144,10 +144,16 @@ inline A row_sq_dev(const A* x, A c, int64_t n) {
 
 // ----------------------------------------------------------------------------- GELU
 // Exact: 0.5 x (1 + erf(x / sqrt 2)). Tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+// Quick (CLIP's QuickGELU): x * sigmoid(1.702 x).
+// The flavour is a template argument: the callers pick it once per call, outside the row
+// loops, so each loop is compiled for one formula.
+enum class Gelu { kErf, kTanh, kQuick };
+
 constexpr double kSqrtHalf = 0.70710678118654752440;
 constexpr double kSqrt2OverPi = 0.79788456080286535588;
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
 constexpr double kTanhCoef = 0.044715;
+constexpr double kQuickCoef = 1.702;
 
 // erf for fp32 vectors without an exp: erf(x) = x P(x^2) / Q(x^2) on [-4, 4], clamped
 // outside (|erf| rounds to 1 there in fp32). ATen's Vectorized<float>::erf calls Sleef's exp
@@ -179,49 +185,92 @@ inline Vectorized<A> erf_vec(Vectorized<A> x) {
   }
 }
 
+// sigmoid(1.702 x) = 1 / (1 + exp(-1.702 x)). For x -> -inf the exp overflows to inf and
+// the result is 0, not NaN; for x -> +inf it is 1.
 template <typename A>
-inline Vectorized<A> gelu_vec(Vectorized<A> x, bool tanh_approx) {
+inline Vectorized<A> quick_sigmoid_vec(Vectorized<A> x) {
+  using V = Vectorized<A>;
+  const V one(A(1));
+  return one / (one + (x * V(A(-kQuickCoef))).exp());
+}
+
+template <typename A>
+inline A quick_sigmoid_scalar(A x) {
+  return A(1) / (A(1) + std::exp(A(-kQuickCoef) * x));
+}
+
+template <Gelu G, typename A>
+inline Vectorized<A> gelu_vec(Vectorized<A> x) {
   using V = Vectorized<A>;
   const V half(A(0.5)), one(A(1));
-  if (tanh_approx) {
+  if constexpr (G == Gelu::kQuick) {
+    return x * quick_sigmoid_vec(x);
+  } else if constexpr (G == Gelu::kTanh) {
     V inner = V(A(kSqrt2OverPi)) * at::vec::fmadd(V(A(kTanhCoef)) * x * x, x, x);
     return half * x * (one + inner.tanh());
+  } else {
+    return half * x * (one + erf_vec(x * V(A(kSqrtHalf))));
   }
-  return half * x * (one + erf_vec(x * V(A(kSqrtHalf))));
 }
 
-template <typename A>
-inline A gelu_scalar(A x, bool tanh_approx) {
-  if (tanh_approx) {
+template <Gelu G, typename A>
+inline A gelu_scalar(A x) {
+  if constexpr (G == Gelu::kQuick) {
+    return x * quick_sigmoid_scalar(x);
+  } else if constexpr (G == Gelu::kTanh) {
     return A(0.5) * x * (A(1) + std::tanh(A(kSqrt2OverPi) * (x + A(kTanhCoef) * x * x * x)));
+  } else {
+    return A(0.5) * x * (A(1) + std::erf(x * A(kSqrtHalf)));
   }
-  return A(0.5) * x * (A(1) + std::erf(x * A(kSqrtHalf)));
 }
 
-// d GELU(x) / dx
-template <typename A>
-inline Vectorized<A> gelu_grad_vec(Vectorized<A> x, bool tanh_approx) {
+// d GELU(x) / dx; QuickGELU's is s + 1.702 x s (1 - s), s = sigmoid(1.702 x).
+template <Gelu G, typename A>
+inline Vectorized<A> gelu_grad_vec(Vectorized<A> x) {
   using V = Vectorized<A>;
   const V half(A(0.5)), one(A(1));
-  if (tanh_approx) {
+  if constexpr (G == Gelu::kQuick) {
+    V s = quick_sigmoid_vec(x);
+    return at::vec::fmadd(V(A(kQuickCoef)) * x * s, one - s, s);
+  } else if constexpr (G == Gelu::kTanh) {
     V x2 = x * x;
     V t = (V(A(kSqrt2OverPi)) * at::vec::fmadd(V(A(kTanhCoef)) * x2, x, x)).tanh();
     V dinner = V(A(kSqrt2OverPi)) * at::vec::fmadd(V(A(3 * kTanhCoef)), x2, one);
     return half * (one + t) + half * x * (one - t * t) * dinner;
+  } else {
+    V cdf = half * (one + erf_vec(x * V(A(kSqrtHalf))));
+    V pdf = V(A(kInvSqrt2Pi)) * (V(A(-0.5)) * x * x).exp();
+    return at::vec::fmadd(x, pdf, cdf);
   }
-  V cdf = half * (one + erf_vec(x * V(A(kSqrtHalf))));
-  V pdf = V(A(kInvSqrt2Pi)) * (V(A(-0.5)) * x * x).exp();
-  return at::vec::fmadd(x, pdf, cdf);
 }
 
-template <typename A>
-inline A gelu_grad_scalar(A x, bool tanh_approx) {
-  if (tanh_approx) {
+template <Gelu G, typename A>
+inline A gelu_grad_scalar(A x) {
+  if constexpr (G == Gelu::kQuick) {
+    A s = quick_sigmoid_scalar(x);
+    return s + A(kQuickCoef) * x * s * (A(1) - s);
+  } else if constexpr (G == Gelu::kTanh) {
     A t = std::tanh(A(kSqrt2OverPi) * (x + A(kTanhCoef) * x * x * x));
     A dinner = A(kSqrt2OverPi) * (A(1) + A(3 * kTanhCoef) * x * x);
     return A(0.5) * (A(1) + t) + A(0.5) * x * (A(1) - t * t) * dinner;
+  } else {
+    return A(0.5) * (A(1) + std::erf(x * A(kSqrtHalf))) + x * A(kInvSqrt2Pi) * std::exp(A(-0.5) * x * x);
   }
-  return A(0.5) * (A(1) + std::erf(x * A(kSqrtHalf))) + x * A(kInvSqrt2Pi) * std::exp(A(-0.5) * x * x);
+}
+
+// Calls fn(std::integral_constant<Gelu, G>{}) for the runtime flavour g.
+template <typename Fn>
+inline void dispatch_gelu(Gelu g, Fn&& fn) {
+  switch (g) {
+    case Gelu::kTanh:
+      fn(std::integral_constant<Gelu, Gelu::kTanh>{});
+      break;
+    case Gelu::kQuick:
+      fn(std::integral_constant<Gelu, Gelu::kQuick>{});
+      break;
+    default:
+      fn(std::integral_constant<Gelu, Gelu::kErf>{});
+  }
 }
 
 // Ask for a row ahead of use, so memory streams in while the current row is computed

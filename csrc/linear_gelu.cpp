@@ -1,5 +1,6 @@
 // GELU(x @ weight.T + bias): ATen's GEMM (MKL/oneDNN) for the product with the bias
 // folded in (addmm's beta term), then GELU in place in one vectorized parallel pass.
+// GELU is the exact erf one, its tanh approximation, or QuickGELU (common.h).
 //
 // Backward: grad * GELU'(pre) and the bias gradient's column sums in one pass, then two
 // GEMMs for dx and dweight.
@@ -11,17 +12,17 @@
 namespace fastvit {
 namespace {
 
-bool parse_approximate(c10::string_view approximate) {
-  TORCH_CHECK(approximate == "none" || approximate == "tanh",
-              "fastvit::linear_gelu: approximate must be 'none' or 'tanh', got '", approximate, "'");
-  return approximate == "tanh";
+Gelu parse_approximate(c10::string_view approximate) {
+  TORCH_CHECK(approximate == "none" || approximate == "tanh" || approximate == "quick",
+              "fastvit::linear_gelu: approximate must be 'none', 'tanh' or 'quick', got '", approximate, "'");
+  return approximate == "tanh" ? Gelu::kTanh : approximate == "quick" ? Gelu::kQuick : Gelu::kErf;
 }
 
 // One row of the pre-activation: adds the bias when given (writing the biased row back to
 // pre, which backward needs, unless pre is out), then out = GELU(pre). A bias only comes
 // with fp32/fp64 rows (see linear_gelu_impl), which are read and written in place.
-template <typename T>
-void gelu_row(T* pre, const acc_t<T>* bias, T* out, int64_t n, bool tanh_approx, acc_t<T>* buf) {
+template <Gelu G, typename T>
+void gelu_row(T* pre, const acc_t<T>* bias, T* out, int64_t n, acc_t<T>* buf) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   if constexpr (!std::is_same_v<T, A>) TORCH_INTERNAL_ASSERT(bias == nullptr, "gelu_row: bias on a reduced type");
@@ -35,7 +36,7 @@ void gelu_row(T* pre, const acc_t<T>* bias, T* out, int64_t n, bool tanh_approx,
       v = v + V::loadu(bias + i);
       if (pre != out) v.store(biased + i);
     }
-    gelu_vec(v, tanh_approx).store(dst + i);
+    gelu_vec<G>(v).store(dst + i);
   }
   for (; i < n; ++i) {
     A v = src[i];
@@ -43,7 +44,7 @@ void gelu_row(T* pre, const acc_t<T>* bias, T* out, int64_t n, bool tanh_approx,
       v += bias[i];
       if (pre != out) biased[i] = v;
     }
-    dst[i] = gelu_scalar(v, tanh_approx);
+    dst[i] = gelu_scalar<G>(v);
   }
   if constexpr (!std::is_same_v<T, A>) store_row<T>(buf, out, n);
 }
@@ -61,7 +62,7 @@ void gelu_row(T* pre, const acc_t<T>* bias, T* out, int64_t n, bool tanh_approx,
 // this), and oneDNN's fused GELU epilogue (mkldnn::_linear_pointwise: 36 ms vs 26 ms for
 // MKL's GEMM + this pass at ViT-S/16 fc1, batch 8, one thread).
 void linear_gelu_impl(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                      at::Tensor& pre, at::Tensor& out, bool tanh_approx) {
+                      at::Tensor& pre, at::Tensor& out, Gelu gelu) {
   const bool reduced = x2d.scalar_type() == at::kBFloat16 || x2d.scalar_type() == at::kHalf;
   const bool bias_in_pass = bias.has_value() && !reduced;
   if (bias.has_value() && !bias_in_pass) {
@@ -77,9 +78,12 @@ void linear_gelu_impl(const at::Tensor& x2d, const at::Tensor& weight, const std
     const A* bp = bias_in_pass ? b.data_ptr<A>() : nullptr;
     scalar_t* p = pre.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
-      std::vector<A> buf(std::is_same_v<scalar_t, A> ? 0 : n);
-      for (int64_t r = begin; r < end; ++r) gelu_row(p + r * n, bp, o + r * n, n, tanh_approx, buf.data());
+    dispatch_gelu(gelu, [&](auto flavour) {
+      constexpr Gelu G = decltype(flavour)::value;
+      at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+        std::vector<A> buf(std::is_same_v<scalar_t, A> ? 0 : n);
+        for (int64_t r = begin; r < end; ++r) gelu_row<G>(p + r * n, bp, o + r * n, n, buf.data());
+      });
     });
   });
 }
@@ -115,10 +119,10 @@ at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& weight, const std:
                        c10::string_view approximate) {
   FASTVIT_BELOW_AUTOGRAD;
   check_linear_args(x, weight, bias);
-  const bool tanh_approx = parse_approximate(approximate);
+  const Gelu gelu = parse_approximate(approximate);
   const at::Tensor x2d = x.reshape({leading_rows(x), x.size(-1)});
   at::Tensor out = at::empty({x2d.size(0), weight.size(0)}, x.options());
-  linear_gelu_impl(x2d, weight, bias, out, out, tanh_approx);
+  linear_gelu_impl(x2d, weight, bias, out, out, gelu);
   return out.view(out_shape(x, weight.size(0)));
 }
 
@@ -127,11 +131,11 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x, const at
                                                    c10::string_view approximate) {
   FASTVIT_BELOW_AUTOGRAD;
   check_linear_args(x, weight, bias);
-  const bool tanh_approx = parse_approximate(approximate);
+  const Gelu gelu = parse_approximate(approximate);
   const at::Tensor x2d = x.reshape({leading_rows(x), x.size(-1)});
   at::Tensor pre = at::empty({x2d.size(0), weight.size(0)}, x.options());
   at::Tensor out = at::empty_like(pre);
-  linear_gelu_impl(x2d, weight, bias, pre, out, tanh_approx);
+  linear_gelu_impl(x2d, weight, bias, pre, out, gelu);
   const auto shape = out_shape(x, weight.size(0));
   return {out.view(shape), pre.view(shape)};
 }
@@ -147,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(
   FASTVIT_CHECK_INPUT(grad_out, x);
   FASTVIT_CHECK_INPUT(preact, x);
   FASTVIT_CHECK_DIM(weight, 2);
-  const bool tanh_approx = parse_approximate(approximate);
+  const Gelu gelu = parse_approximate(approximate);
   const auto shape = out_shape(x, weight.size(0));
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(shape) && preact.sizes() == at::IntArrayRef(shape),
               op, ": grad_out and preact must have shape ", at::IntArrayRef(shape),
@@ -166,26 +170,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(
     const scalar_t* gptr = g.data_ptr<scalar_t>();
     const scalar_t* pptr = p.data_ptr<scalar_t>();
     scalar_t* optr = gp.data_ptr<scalar_t>();
-    at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
-      std::vector<A> buf(3 * N);
-      A *ga = buf.data(), *pa = ga + N, *oa = pa + N;
-      A* db = partials.get();
-      for (int64_t row = begin; row < end; ++row) {
-        const A* gr = row_as_acc(gptr + row * N, ga, N);
-        const A* pr = row_as_acc(pptr + row * N, pa, N);
-        A* o = std::is_same_v<scalar_t, A> ? reinterpret_cast<A*>(optr + row * N) : oa;
-        int64_t i = 0;
-        for (; i + V::size() <= N; i += V::size()) {
-          V v = V::loadu(gr + i) * gelu_grad_vec(V::loadu(pr + i), tanh_approx);
-          v.store(o + i);
-          (V::loadu(db + i) + v).store(db + i);
+    dispatch_gelu(gelu, [&](auto flavour) {
+      constexpr Gelu G = decltype(flavour)::value;
+      at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
+        std::vector<A> buf(3 * N);
+        A *ga = buf.data(), *pa = ga + N, *oa = pa + N;
+        A* db = partials.get();
+        for (int64_t row = begin; row < end; ++row) {
+          const A* gr = row_as_acc(gptr + row * N, ga, N);
+          const A* pr = row_as_acc(pptr + row * N, pa, N);
+          A* o = std::is_same_v<scalar_t, A> ? reinterpret_cast<A*>(optr + row * N) : oa;
+          int64_t i = 0;
+          for (; i + V::size() <= N; i += V::size()) {
+            V v = V::loadu(gr + i) * gelu_grad_vec<G>(V::loadu(pr + i));
+            v.store(o + i);
+            (V::loadu(db + i) + v).store(db + i);
+          }
+          for (; i < N; ++i) {
+            o[i] = gr[i] * gelu_grad_scalar<G>(pr[i]);
+            db[i] += o[i];
+          }
+          if constexpr (!std::is_same_v<scalar_t, A>) store_row<scalar_t>(oa, optr + row * N, N);
         }
-        for (; i < N; ++i) {
-          o[i] = gr[i] * gelu_grad_scalar(pr[i], tanh_approx);
-          db[i] += o[i];
-        }
-        if constexpr (!std::is_same_v<scalar_t, A>) store_row<scalar_t>(oa, optr + row * N, N);
-      }
+      });
     });
     dbias = partials.reduce(0, 1, x.scalar_type());
   });

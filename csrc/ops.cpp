@@ -26,16 +26,18 @@ TORCH_LIBRARY(fastvit, m) {
   // No tensor arguments to dispatch on: a catch-all kernel, registered with the schema.
   m.def("cpu_capability() -> str", &fastvit::cpu_capability);
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def("add_layer_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("add_layer_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps,"
+        " Tensor? gamma=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor grad_out, Tensor? grad_sum, Tensor input, Tensor mean, Tensor rstd,"
         " Tensor? weight) -> (Tensor, Tensor, Tensor)");
+  m.def("add_layer_norm_bwd(Tensor grad_out, Tensor? grad_sum, Tensor summed, Tensor mean, Tensor rstd,"
+        " Tensor? weight, Tensor x, Tensor gamma) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_gelu(Tensor x, Tensor weight, Tensor? bias, str approximate) -> Tensor");
   m.def("linear_gelu_fwd(Tensor x, Tensor weight, Tensor? bias, str approximate) -> (Tensor, Tensor)");
   m.def("linear_gelu_bwd(Tensor grad_out, Tensor preact, Tensor x, Tensor weight, str approximate)"
         " -> (Tensor, Tensor, Tensor)");
-  m.def("patch_embed(Tensor images, Tensor weight, Tensor? bias, Tensor pos_embed, Tensor? cls_token) -> Tensor");
-  m.def("patch_embed_bwd(Tensor grad_out, Tensor images, Tensor weight, bool has_cls,"
+  m.def("patch_embed(Tensor images, Tensor weight, Tensor? bias, Tensor pos_embed, Tensor? prefix) -> Tensor");
+  m.def("patch_embed_bwd(Tensor grad_out, Tensor images, Tensor weight, int num_prefix, bool pos_prefix,"
         " bool images_grad)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
@@ -53,6 +55,7 @@ TORCH_LIBRARY_IMPL(fastvit, CPU, m) {
   m.impl("layer_norm_fwd", &fastvit::layer_norm_fwd);
   m.impl("add_layer_norm_fwd", &fastvit::add_layer_norm_fwd);
   m.impl("layer_norm_bwd", &fastvit::layer_norm_bwd);
+  m.impl("add_layer_norm_bwd", &fastvit::add_layer_norm_bwd);
   m.impl("linear_gelu", &fastvit::linear_gelu);
   m.impl("linear_gelu_fwd", &fastvit::linear_gelu_fwd);
   m.impl("linear_gelu_bwd", &fastvit::linear_gelu_bwd);

@@ -13,17 +13,25 @@ namespace fastvit {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps);
-// (out, x + residual, mean, rstd)
+// (out, summed, mean, rstd), summed = residual + x, or residual + gamma * x with gamma (D,)
+// (LayerScale).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps);
+    const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& gamma = std::nullopt);
 // (dinput, dweight, dbias); grad_sum, if given, is added to dinput (add_layer_norm's
 // second output). dweight/dbias are always computed, in the input's dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const at::Tensor& input,
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight);
+// add_layer_norm's backward with LayerScale: (dsummed, dx, dweight, dbias, dgamma).
+// dsummed (the residual's gradient) is LayerNorm's input gradient plus grad_sum, dx is
+// gamma * dsummed, dgamma the column sums of x * dsummed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const at::Tensor& summed,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight, const at::Tensor& x,
+    const at::Tensor& gamma);
 
-// GELU(x @ weight.T + bias)
+// GELU(x @ weight.T + bias); approximate: "none" (erf), "tanh", or "quick" (x * sigmoid(1.702 x))
 at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, c10::string_view approximate);
 // (out, pre-activation) for training
@@ -35,15 +43,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(
     const at::Tensor& grad_out, const at::Tensor& preact, const at::Tensor& x,
     const at::Tensor& weight, c10::string_view approximate);
 
-// (B, T, D) tokens
+// (B, n + grid, D) tokens: the n prefix tokens (class, register / distillation tokens;
+// prefix (1, n, D) or None) then the patches. pos_embed has grid + n rows (the prefix
+// tokens get a position, the first rows) or grid rows (they get none: no_embed_class).
 at::Tensor patch_embed(const at::Tensor& images, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, const at::Tensor& pos_embed,
-                       const std::optional<at::Tensor>& cls_token);
-// (dimages, dweight, dbias (D,), dpos (T, D), dcls (D,)); dimages is empty (0,) unless
-// images_grad (images rarely need a gradient, and it costs a GEMM).
+                       const std::optional<at::Tensor>& prefix);
+// (dimages, dweight, dbias (D,), dpos (grid + n or grid rows, D), dprefix (n, D)) for n =
+// num_prefix prefix tokens, pos_prefix: whether pos_embed has rows for them. dimages is
+// empty (0,) unless images_grad (images rarely need a gradient, and it costs a GEMM).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd(
-    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, bool has_cls,
-    bool images_grad);
+    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, int64_t num_prefix,
+    bool pos_prefix, bool images_grad);
 
 // (out (B, H, Nq, d), lse (B, H, Nq) fp32)
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,

@@ -137,7 +137,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape), x.new_empty(stats, dtype=_acc(x.dtype)), x.new_empty(stats, dtype=_acc(x.dtype))
 
     @reg("fastvit::add_layer_norm_fwd")
-    def _(x, residual, weight, bias, eps):
+    def _(x, residual, weight, bias, eps, gamma=None):
         stats = x.shape[:-1]
         return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(stats, dtype=_acc(x.dtype)),
                 x.new_empty(stats, dtype=_acc(x.dtype)))
@@ -146,6 +146,12 @@ def _register_fakes() -> None:
     def _(grad_out, grad_sum, x, mean, rstd, weight):
         dim = x.shape[-1]
         return x.new_empty(x.shape), x.new_empty((dim,)), x.new_empty((dim,))
+
+    @reg("fastvit::add_layer_norm_bwd")
+    def _(grad_out, grad_sum, summed, mean, rstd, weight, x, gamma):
+        dim = x.shape[-1]
+        return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((dim,)), x.new_empty((dim,)),
+                x.new_empty((dim,)))
 
     @reg("fastvit::linear_gelu")
     def _(x, weight, bias, approximate):
@@ -161,17 +167,19 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
 
     @reg("fastvit::patch_embed")
-    def _(images, weight, bias, pos_embed, cls_token):
+    def _(images, weight, bias, pos_embed, prefix):
         patch = weight.shape[-1]
-        tokens = (images.shape[2] // patch) * (images.shape[3] // patch) + (cls_token is not None)
+        tokens = (images.shape[2] // patch) * (images.shape[3] // patch) + (0 if prefix is None else prefix.shape[1])
         return images.new_empty((images.shape[0], tokens, weight.shape[0]))
 
     @reg("fastvit::patch_embed_bwd")
-    def _(grad_out, images, weight, has_cls, images_grad):
+    def _(grad_out, images, weight, num_prefix, pos_prefix, images_grad):
         dim = weight.shape[0]
+        tokens = grad_out.shape[1]
         dimages = images.new_empty(images.shape if images_grad else (0,))
         return (dimages, weight.new_empty(weight.shape), weight.new_empty((dim,)),
-                weight.new_empty((grad_out.shape[1], dim)), weight.new_empty((dim,)))
+                weight.new_empty((tokens if pos_prefix else tokens - num_prefix, dim)),
+                weight.new_empty((num_prefix, dim)))
 
     @reg("fastvit::attention_fwd")
     def _(q, k, v, scale):
@@ -211,7 +219,13 @@ def _needs_grad(x, weight, bias) -> bool:
 
 
 def patch_embed(images, weight, bias, pos_embed, cls_token=None, reg_tokens=None):
-    return torch.ops.fastvit.patch_embed(images, weight, bias, pos_embed, cls_token)
+    # The C++ op takes the prefix tokens as one (1, n, D) tensor; cat's backward splits
+    # their gradient. Only DINOv2-with-registers-like models have both.
+    if cls_token is not None and reg_tokens is not None:
+        prefix = torch.cat([cls_token, reg_tokens], dim=1)
+    else:
+        prefix = cls_token if reg_tokens is None else reg_tokens
+    return torch.ops.fastvit.patch_embed(images, weight, bias, pos_embed, prefix)
 
 
 def layer_norm(x, weight, bias, eps=1e-6):
@@ -219,7 +233,7 @@ def layer_norm(x, weight, bias, eps=1e-6):
 
 
 def add_layer_norm(x, residual, weight, bias, eps=1e-6, gamma=None):
-    out, summed, _, _ = torch.ops.fastvit.add_layer_norm_fwd(x, residual, weight, bias, eps)
+    out, summed, _, _ = torch.ops.fastvit.add_layer_norm_fwd(x, residual, weight, bias, eps, gamma)
     return out, summed
 
 
@@ -245,24 +259,6 @@ def linear(x, weight, bias):
 
 _PUBLIC = {name: globals()[name] for name in reference.OPS}  # every op, by the functions above
 
-
-# TODO(issue 18): the C++ ops do not take these arguments yet; auto falls back to torch.
-def _patch_embed_unsupported(images, weight, bias, pos_embed, cls_token=None, reg_tokens=None):
-    if reg_tokens is not None:
-        return "register tokens are not implemented yet"
-    grid = (images.shape[-2] // weight.shape[-1]) * (images.shape[-1] // weight.shape[-1])
-    if cls_token is not None and pos_embed.shape[-2] == grid:
-        return "a class token without position (no_embed_class) is not implemented yet"
-    return None
-
-
-SUPPORTS = {
-    "patch_embed": _patch_embed_unsupported,
-    "add_layer_norm": lambda x, residual, weight, bias, eps=1e-6, gamma=None: (
-        "LayerScale (gamma) is not implemented yet" if gamma is not None else None),
-    "linear_gelu": lambda x, weight, bias, approximate="none": (
-        "QuickGELU is not implemented yet" if approximate == "quick" else None),
-}
 
 OPS: dict = {}
 UNAVAILABLE_REASON = ""

@@ -70,10 +70,31 @@ void test_add_layer_norm() {
   expect_close("add_layer_norm dresidual", dx, r[1]);
   expect_close("add_layer_norm dweight", dw, r[2]);
   expect_close("add_layer_norm dbias", db, r[3]);
+
+  // LayerScale: summed = residual + gamma * x
+  auto gamma = randn({200}, 0.2, 0.6);
+  auto [out_s, sum_s, mean_s, rstd_s] = fastvit::add_layer_norm_fwd(x, res, w, b, 1e-6, gamma);
+  auto gd = dbl(gamma);
+  auto sd_s = rd + gd * xd;
+  auto ref_s = at::layer_norm(sd_s, {200}, wd, bd, 1e-6);
+  expect_close("add_layer_norm[gamma] out", out_s, ref_s);
+  expect_close("add_layer_norm[gamma] sum", sum_s, sd_s);
+  auto [dsum_s, dx_s, dw_s, db_s, dg_s] = fastvit::add_layer_norm_bwd(g, gs, sum_s, mean_s, rstd_s, w, x, gamma);
+  auto loss_s = (ref_s * g.to(at::kDouble)).sum() + (sd_s * gs.to(at::kDouble)).sum();
+  auto r_s = torch::autograd::grad({loss_s}, {xd, rd, wd, bd, gd});
+  expect_close("add_layer_norm[gamma] dx", dx_s, r_s[0]);
+  expect_close("add_layer_norm[gamma] dresidual", dsum_s, r_s[1]);
+  expect_close("add_layer_norm[gamma] dweight", dw_s, r_s[2]);
+  expect_close("add_layer_norm[gamma] dbias", db_s, r_s[3]);
+  expect_close("add_layer_norm[gamma] dgamma", dg_s, r_s[4]);
+}
+
+at::Tensor gelu_ref(const at::Tensor& h, const std::string& approx) {
+  return approx == "quick" ? h * at::sigmoid(1.702 * h) : at::gelu(h, approx);
 }
 
 void test_linear_gelu() {
-  for (const char* approx : {"none", "tanh"}) {
+  for (const char* approx : {"none", "tanh", "quick"}) {
     for (int64_t batch : {1, 4}) {
       const std::string tag = std::string("linear_gelu[") + approx + ", batch " + std::to_string(batch) + "] ";
       auto x = randn({batch, 197, 200}), w = randn({300, 200}, 0.0, 0.1), b = randn({300});
@@ -81,7 +102,7 @@ void test_linear_gelu() {
       auto out = fastvit::linear_gelu(x, w, b, approx);
       auto [out2, pre] = fastvit::linear_gelu_fwd(x, w, b, approx);
       auto xd = dbl(x), wd = dbl(w), bd = dbl(b);
-      auto ref = at::gelu(at::linear(xd, wd, bd), approx);
+      auto ref = gelu_ref(at::linear(xd, wd, bd), approx);
       expect_close(tag + "out", out, ref);
       expect_close(tag + "out (training)", out2, ref);
       auto [dx, dw, db] = fastvit::linear_gelu_bwd(g, pre, x, w, approx);
@@ -112,13 +133,34 @@ void test_patch_embed() {
   auto conv = at::conv2d(id, wd, bd, {8, 8}).flatten(2).transpose(1, 2);
   auto ref = at::cat({cd.expand({2, 1, 40}), conv}, 1) + pd;
   expect_close("patch_embed out", out, ref);
-  auto [dimages, dw, db, dpos, dcls] = fastvit::patch_embed_bwd(g, images, w, true, true);
+  auto [dimages, dw, db, dpos, dcls] = fastvit::patch_embed_bwd(g, images, w, 1, true, true);
   auto r = grads(ref, g, {id, wd, bd, pd, cd});
   expect_close("patch_embed dimages", dimages, r[0]);
   expect_close("patch_embed dweight", dw, r[1]);
   expect_close("patch_embed dbias", db, r[2]);
   expect_close("patch_embed dpos", dpos.view({1, 25, 40}), r[3]);
   expect_close("patch_embed dcls", dcls.view({1, 1, 40}), r[4]);
+
+  // Class + 4 register tokens as one prefix, with (pos has 29 rows) and without (24 rows,
+  // no_embed_class) a position for them.
+  for (bool pos_prefix : {true, false}) {
+    const std::string tag = std::string("patch_embed[5 prefix tokens, ") + (pos_prefix ? "with" : "without") +
+                            " position] ";
+    auto prefix = randn({1, 5, 40}), pos5 = randn({1, pos_prefix ? 29 : 24, 40}), g5 = randn({2, 29, 40});
+    auto out5 = fastvit::patch_embed(images, w, b, pos5, prefix);
+    auto xd5 = dbl(prefix), pd5 = dbl(pos5);
+    auto conv = at::conv2d(id, wd, bd, {8, 8}).flatten(2).transpose(1, 2);  // a fresh graph
+    auto ref5 = pos_prefix ? at::cat({xd5.expand({2, 5, 40}), conv}, 1) + pd5
+                           : at::cat({xd5.expand({2, 5, 40}), conv + pd5}, 1);
+    expect_close(tag + "out", out5, ref5);
+    auto [di5, dw5, db5, dpos5, dprefix5] = fastvit::patch_embed_bwd(g5, images, w, 5, pos_prefix, true);
+    auto r5 = grads(ref5, g5, {id, wd, bd, pd5, xd5});
+    expect_close(tag + "dimages", di5, r5[0]);
+    expect_close(tag + "dweight", dw5, r5[1]);
+    expect_close(tag + "dbias", db5, r5[2]);
+    expect_close(tag + "dpos", dpos5.view(pos5.sizes()), r5[3]);
+    expect_close(tag + "dprefix", dprefix5.view({1, 5, 40}), r5[4]);
+  }
 }
 
 void test_attention() {
@@ -161,8 +203,8 @@ void test_packed_attention() {
 }
 
 void test_dispatcher() {
-  for (const char* name : {"layer_norm_fwd", "add_layer_norm_fwd", "layer_norm_bwd", "linear_gelu",
-                           "linear_gelu_fwd", "linear_gelu_bwd", "patch_embed", "patch_embed_bwd",
+  for (const char* name : {"layer_norm_fwd", "add_layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_bwd",
+                           "linear_gelu", "linear_gelu_fwd", "linear_gelu_bwd", "patch_embed", "patch_embed_bwd",
                            "attention_fwd", "attention_bwd", "packed_attention_fwd", "packed_attention_bwd"}) {
     auto op = c10::Dispatcher::singleton().findSchema({std::string("fastvit::") + name, ""});
     const bool ok = op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CPU);

@@ -201,6 +201,60 @@ def test_add_layer_norm_cpp_noncontiguous_no_bias():
     _check_cpp("add_layer_norm", [_noncontig(1, 197, 200), _leaf(1, 197, 200), _leaf(200), None], 1e-6)
 
 
+@needs_cpp
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("shape", [(2, 197, 200), (3, 7, 13), (0, 5, 200)], ids=["rows", "tail", "no_rows"])
+def test_add_layer_norm_cpp_layer_scale(shape, dtype):
+    """residual + gamma * x: the fma'd sum, and gamma's gradient from per-thread partials
+    (D = 13 leaves a scalar tail after the vector loop)."""
+    dim = shape[-1]
+    x, r = _leaf(*shape, dtype=dtype, std=2.0), _leaf(*shape, dtype=dtype, mean=0.3)
+    w, b = _leaf(dim, dtype=dtype, mean=1.0), _leaf(dim, dtype=dtype)
+    gamma = _leaf(dim, dtype=dtype, mean=0.2, std=0.6)
+    check_backend("cpp", "add_layer_norm", [x, r, w, b, 1e-6, gamma], dtype=dtype)
+
+
+@needs_cpp
+def test_add_layer_norm_cpp_layer_scale_noncontiguous_frozen_and_no_affine():
+    gamma = _leaf(200, mean=-0.5)
+    check_backend("cpp", "add_layer_norm", [_noncontig(2, 50, 200), _leaf(2, 50, 200), None, None, 1e-6, gamma])
+    # frozen gamma (DINOv2 fine-tuned with LayerScale fixed), frozen residual
+    check_backend("cpp", "add_layer_norm", [_leaf(2, 50, 200), rand(2, 50, 200), _leaf(200), None, 1e-6,
+                                            rand(200, mean=0.1)])
+    # only gamma trains
+    check_backend("cpp", "add_layer_norm", [rand(2, 50, 200), rand(2, 50, 200), rand(200), rand(200), 1e-6,
+                                            _leaf(200, mean=0.1)])
+
+
+@needs_cpp
+def test_add_layer_norm_cpp_layer_scale_gradient_through_the_sum_only():
+    # The normalized output gets no gradient: d(sum)/dx = gamma, d(sum)/dresidual = identity.
+    x, r, w, gamma = _leaf(2, 9, 40), _leaf(2, 9, 40), _leaf(40, mean=1.0), _leaf(40, mean=0.3)
+    grad = rand(2, 9, 40)
+    with fk.backend("cpp"):
+        _, summed = fk.add_layer_norm(x, r, w, None, 1e-6, gamma)
+        dx, dr, dgamma = torch.autograd.grad(summed, (x, r, gamma), grad)
+    assert torch.equal(dr, grad) and torch.equal(dx, grad * gamma.detach())
+    assert_parity("dgamma", dgamma, (x.detach().double() * grad.double()).sum((0, 1)))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_layer_norm_cpp_layer_scale_normalizes_the_rounded_sum(dtype):
+    # As without gamma: the normalized output is LayerNorm of the returned (rounded) sum.
+    shape, dim = (2, 197, 200), 200
+    x, r = rand(*shape, dtype=dtype, std=0.3), rand(*shape, dtype=dtype, mean=100.0)
+    w, b, gamma = rand(dim, dtype=dtype, mean=1.0), rand(dim, dtype=dtype), rand(dim, dtype=dtype, mean=0.5)
+    with fk.backend("cpp"):
+        normed, summed = fk.add_layer_norm(x, r, w, b, 1e-6, gamma)
+    hi = upcast(x, r, w, b, gamma)
+    ref_sum = reference.add_layer_norm(*hi[:4], 1e-6, hi[4])[1]
+    assert_parity("summed", summed, ref_sum, reference.add_layer_norm(x, r, w, b, 1e-6, gamma)[1])
+    ref_hi = reference.layer_norm(*upcast(summed, w, b), 1e-6)
+    assert_parity("add_layer_norm normed vs layer_norm(summed)", normed, ref_hi,
+                  reference.layer_norm(summed, w, b, 1e-6))
+
+
 # ------------------------------------------------------------------ the triton backend's cases
 def test_layouts_and_launch_settings(device):
     """Row layouts (sliced, broadcast with zero stride, leading dims needing three strides)

@@ -230,7 +230,7 @@ ALL = [torch.float32, torch.bfloat16, torch.float16]
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", ALL)
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("approximate", ["none", "tanh", "quick"])
 @pytest.mark.parametrize("batch", [1, 3, 0])
 def test_linear_gelu_cpp(batch, approximate, dtype):
     x = _leaf(batch, 197, 200, dtype=dtype)
@@ -260,15 +260,42 @@ def test_linear_gelu_cpp_zero_in_features():
 
 
 @needs_cpp
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_gelu_cpp_inference_op_differentiated_anyway(bias):
+@pytest.mark.parametrize("dtype", ALL)
+def test_linear_quick_gelu_cpp_saturates_without_nan(dtype):
+    """QuickGELU at pre-activations far beyond exp's range (|1.702 h| > 89 overflows fp32's
+    exp): the output is h or 0, the gradient 1 or 0, never NaN; inference and training ops."""
+    x = torch.tensor([[1.0], [-1.0], [0.5]], dtype=dtype)
+    w = torch.tensor([[300.0], [-300.0], [0.0], [1e4], [-1e4], [2.0], [1.0], [-2.0]], dtype=dtype)
+    b = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=dtype)
+    grad = torch.ones(3, 8, dtype=dtype)
+    with torch.no_grad(), fk.backend("cpp"):
+        inference = fk.linear_gelu(x, w, b, "quick")
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    with fk.backend("cpp"):
+        training = fk.linear_gelu(*leaves, "quick")
+    grads = torch.autograd.grad(training, leaves, grad)
+    hi = upcast(*leaves)
+    ref = reference.linear_gelu(*hi, "quick")
+    ref_grads = torch.autograd.grad(ref, hi, upcast(grad))
+    lowp = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    ref_low = reference.linear_gelu(*lowp, "quick")
+    ref_low_grads = torch.autograd.grad(ref_low, lowp, grad)
+    for name, fast, r_hi, r_low in [("out (inference)", inference, ref, ref_low), ("out", training, ref, ref_low),
+                                    *zip(("dx", "dweight", "dbias"), grads, ref_grads, ref_low_grads)]:
+        assert_parity(f"quick gelu {name}", fast, r_hi.detach(), r_low.detach())
+
+
+@needs_cpp
+@pytest.mark.parametrize("bias,approximate", [(True, "tanh"), (False, "tanh"), (True, "quick")])
+def test_linear_gelu_cpp_inference_op_differentiated_anyway(bias, approximate):
     # The inference op keeps no pre-activation; its backward recomputes it.
     x, w, b = _leaf(2, 9, 40), _leaf(24, 40, std=0.1), _leaf(24) if bias else None
     grad = rand(2, 9, 24)
-    fast = torch.autograd.grad(torch.ops.fastvit.linear_gelu(x, w, b, "tanh"), [t for t in (x, w, b) if t is not None],
-                               grad)
+    fast = torch.autograd.grad(torch.ops.fastvit.linear_gelu(x, w, b, approximate),
+                               [t for t in (x, w, b) if t is not None], grad)
     hi = upcast(x, w, b)
-    ref = torch.autograd.grad(reference.linear_gelu(*hi, "tanh"), [t for t in hi if t is not None], upcast(grad))
+    ref = torch.autograd.grad(reference.linear_gelu(*hi, approximate), [t for t in hi if t is not None],
+                              upcast(grad))
     for name, f, r in zip(("x", "weight", "bias"), fast, ref):
         assert_parity(f"linear_gelu (inference op) grad of {name}", f, r)
 

@@ -239,3 +239,30 @@ def test_patch_embed_cpp_channels_last_and_frozen_images():
     # images without grad (the usual case): no image gradient computed, the rest still right
     check_backend("cpp", "patch_embed", [rand(2, 3, 32, 32), _leaf(24, 3, 16, 16, std=0.1), _leaf(24),
                                          _leaf(1, 5, 24), _leaf(1, 1, 24)])
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(PREFIX_CASES))
+@pytest.mark.parametrize("batch", [2, 0])
+def test_patch_embed_cpp_prefix_tokens(batch, case, dtype):
+    """Class, register and distillation tokens, with and without their own positions, bf16
+    and no images included; 2-D pos_embed for the position-less prefix."""
+    cls, regs, embedded = PREFIX_CASES[case]
+    images = _leaf(batch, 3, 32, 48, dtype=dtype)
+    weight, bias = _leaf(40, 3, 8, 8, dtype=dtype, std=0.1), _leaf(40, dtype=dtype)
+    pos = _leaf(4 * 6 + (cls + regs if embedded else 0), 40, dtype=dtype)
+    cls_token = _leaf(1, 1, 40, dtype=dtype) if cls else None
+    reg = _leaf(1, regs, 40, dtype=dtype) if regs else None
+    out = check_backend("cpp", "patch_embed", [images, weight, bias, pos, cls_token, reg], dtype=dtype)
+    assert out["out0"].shape == (batch, cls + regs + 24, 40)
+
+
+@needs_cpp
+def test_patch_embed_cpp_prefix_tokens_channels_last_frozen_and_no_bias():
+    images = rand(2, 3, 32, 32).to(memory_format=torch.channels_last).requires_grad_(True)
+    check_backend("cpp", "patch_embed", [images, _leaf(24, 3, 16, 16, std=0.1), None, _leaf(1, 4, 24),
+                                         _leaf(1, 1, 24), _leaf(1, 4, 24)])
+    # frozen images and a frozen class token: only the registers, weight and pos train
+    check_backend("cpp", "patch_embed", [rand(2, 3, 32, 32), _leaf(24, 3, 16, 16, std=0.1), _leaf(24),
+                                         _leaf(1, 9, 24), rand(1, 1, 24), _leaf(1, 4, 24)])
