@@ -69,7 +69,8 @@ def _keep(conf, args, owned: str, owned_tiles: int) -> bool:
     """Whether a config is worth timing for this call. ``owned``: which of BLOCK_M / BLOCK_N
     is the per-program tile; ``owned_tiles``: how many tiles of that size a program holds."""
     owned_rows = conf.kwargs[owned]
-    n_owned = args["N_Q"] if owned == "BLOCK_M" else args["N_K"]
+    # Packed variable-length sequences (varlen_attention.py) are bounded by the longest one.
+    n_owned = args["MAX_SEQLEN"] if "MAX_SEQLEN" in args else args["N_Q" if owned == "BLOCK_M" else "N_K"]
     # A per-program tile far longer than the sequence is mostly padding.
     if owned_rows > max(64, triton.next_power_of_2(n_owned)):
         return False
