@@ -5,6 +5,10 @@ program's base pointer (batch and head, int64) is a scalar, and each loop step r
 its tile's pointers from that scalar and the step's first row, so no pointer tensor is
 carried through a loop (carried pointer tensors cost registers and made these spill).
 Scores and the online softmax are fp32, in base 2; the saved log-sum-exp is natural-log.
+
+Each kernel is a thin entry that finds its program's (batch, head) base pointers and row
+counts and runs a ``*_tile`` body on them; the variable-length kernels (varlen_attention.py)
+run the same bodies on one packed sequence's rows.
 """
 
 from __future__ import annotations
