@@ -65,6 +65,15 @@ def _check_eps(eps) -> None:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
 
 
+def _check_num_heads(width: int, num_heads) -> None:
+    """num_heads of a packed qkv whose last dimension is ``width`` = 3 * num_heads * head_dim."""
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if width % (3 * num_heads):
+        raise ValueError(f"qkv's last dimension {width} must be 3 * num_heads * head_dim "
+                         f"with num_heads={num_heads}")
+
+
 # ---------------------------------------------------------------------------- autocast
 def _autocast_dtype(device: torch.device):
     """The dtype autocast casts matrix products to, or None outside autocast."""
@@ -247,12 +256,8 @@ def packed_attention(qkv, num_heads: int, scale: float | None = None):
     (B, N, D), ready for the output projection without a permute.
     """
     _check_tensor("qkv", qkv, 3)
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     width = qkv.shape[-1]
-    if width % (3 * num_heads):
-        raise ValueError(f"qkv's last dimension {width} must be 3 * num_heads * head_dim "
-                         f"with num_heads={num_heads}")
+    _check_num_heads(width, num_heads)
     _check_scale(scale)
     device = qkv.device
     cast = _autocast_dtype(device)
@@ -324,12 +329,8 @@ def varlen_packed_attention(qkv, cu_seqlens, max_seqlen: int, num_heads: int, sc
     """``varlen_attention`` straight from the qkv Linear's output: qkv is (total, 3*D) laid
     out as (total, 3, H, d); returns (total, D). cu_seqlens and max_seqlen as there."""
     _check_tensor("qkv", qkv, 2)
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     width = qkv.shape[-1]
-    if width % (3 * num_heads):
-        raise ValueError(f"qkv's last dimension {width} must be 3 * num_heads * head_dim "
-                         f"with num_heads={num_heads}")
+    _check_num_heads(width, num_heads)
     _check_scale(scale)
     device = qkv.device
     _check_cu_seqlens(cu_seqlens, max_seqlen, qkv.shape[0], device)

@@ -19,20 +19,18 @@ import triton
 import triton.language as tl
 
 from ..reference import default_scale, split_qkv
-from ._common import dtype_unsupported
 from .attention import (
     _DKDV,
     _DQ,
     _FWD,
-    _PREPROCESS_BLOCK_M,
-    MAX_HEAD_DIM,
     _empty_like_layout,
     _n_bucket,
     _tuned,
     _unit_last_stride,
+    _unsupported,
+    backward_delta,
 )
-from .attention import _strides as _bhn_strides
-from .attention_kernels import LOG2E, _dkdv_tile, _dq_tile, _fwd_tile, _program, attn_bwd_preprocess
+from .attention_kernels import LOG2E, _dkdv_tile, _dq_tile, _fwd_tile, _program
 
 
 # ------------------------------------------------------------------------------- kernels
@@ -165,17 +163,9 @@ def varlen_attention_backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens,
     if total * heads == 0:
         return
     meta = _meta(q, max_seqlen)
-    if grad_lse is not None:
-        grad_lse = grad_lse.to(torch.float32).contiguous()
-    # delta = rowsum(dO * O) per token and head: attention's pass on the (1, H, total, d) view.
-    delta = torch.empty((heads, total), device=q.device, dtype=torch.float32)
-    out_bhn, grad_out_bhn = (t.transpose(0, 1).unsqueeze(0) for t in (out, grad_out))
-    attn_bwd_preprocess[(triton.cdiv(total, _PREPROCESS_BLOCK_M) * heads,)](
-        out_bhn, grad_out_bhn, grad_lse if grad_lse is not None else delta, delta,
-        *_bhn_strides(out_bhn), *_bhn_strides(grad_out_bhn), heads, total,
-        HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], HAS_DLSE=grad_lse is not None,
-        BLOCK_M=_PREPROCESS_BLOCK_M,
-    )
+    # delta = rowsum(dO * O) per token and head: attention's pass on the (1, H, total, d) views.
+    delta = backward_delta(*(t.transpose(0, 1).unsqueeze(0) for t in (out, grad_out)),
+                           None if grad_lse is None else grad_lse.unsqueeze(0), meta["BLOCK_D"])[0]
     common = (q, k, v, grad_out, lse, delta)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     _varlen_dkdv_tuned[lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]) * n_seq * heads,)](
@@ -307,29 +297,17 @@ _varlen_packed_op.register_autograd(_varlen_packed_autograd, setup_context=_varl
 
 # ------------------------------------------------------------------------ public entry points
 # functional.py has validated the arguments (shapes, dtypes, devices, cu_seqlens' values,
-# max_seqlen, num_heads, scale); what is left are the kernels' own limits.
-def _unsupported(head_dim: int, dtype: torch.dtype, programs: int) -> str | None:
-    reason = dtype_unsupported(dtype)
-    if reason:
-        return reason
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        return (f"head dim {head_dim} is not supported "
-                f"(expected 1 to {MAX_HEAD_DIM}, e.g. 32, 64, 80, 96, 128)")
-    if programs >= 2**31:
-        return f"{programs} programs exceed the grid limit of 2**31 - 1"
-    return None
-
-
+# max_seqlen, num_heads, scale); what is left are the kernels' own limits, attention's.
 def varlen_attention_unsupported(q, k, v, cu_seqlens, max_seqlen, scale=None) -> str | None:
     """Why the kernels cannot run varlen_attention(q, k, v, ...), or None if they can."""
     programs = (cu_seqlens.numel() - 1) * q.shape[1] * triton.cdiv(max_seqlen, 16)
-    return _unsupported(q.shape[-1], q.dtype, programs)
+    return _unsupported(q.shape[-1], q.dtype, max_seqlen, max_seqlen, programs)
 
 
 def varlen_packed_attention_unsupported(qkv, cu_seqlens, max_seqlen, num_heads, scale=None) -> str | None:
     """Why the kernels cannot run varlen_packed_attention(qkv, ...), or None if they can."""
     programs = (cu_seqlens.numel() - 1) * num_heads * triton.cdiv(max_seqlen, 16)
-    return _unsupported(qkv.shape[-1] // (3 * num_heads), qkv.dtype, programs)
+    return _unsupported(qkv.shape[-1] // (3 * num_heads), qkv.dtype, max_seqlen, max_seqlen, programs)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None):

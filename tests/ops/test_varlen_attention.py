@@ -7,14 +7,14 @@ judged by ``fastvit_kernels.testing`` (check_backend: fp32 against fp64, fp16 ag
 with the reference's own fp16 error as the yardstick), outputs and every input gradient.
 
 The pack the issue asks for (sequences of 1, 17, 197 and 300 tokens) is slow under the
-Triton interpreter: triton runs it once per dtype at d = 80 (two tiles of keys and queries
-per long sequence, a padded head dim), and the smaller mixed pack covers d = 64 and 80 in
-both layouts; cpp and torch run every combination.
+Triton interpreter: triton runs it with one head, each dtype and head dim once, and the
+smaller mixed pack covers every dtype, head dim and layout with two heads; cpp and torch run
+every combination.
 """
 
 import pytest
 import torch
-from op_backends import BACKENDS, needs_cpp
+from op_backends import BACKENDS, needs_cpp, single_threaded_blas  # noqa: F401  (autouse)
 from op_backends import backend_device as _device
 
 import fastvit_kernels as fk
@@ -24,19 +24,6 @@ from fastvit_kernels.triton import varlen_attention as _triton_varlen  # noqa: F
 
 ISSUE_PACK = (1, 17, 197, 300)
 SMALL_PACK = (1, 17, 70, 5)     # 70: a sequence over one 64-row interpreter tile
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_threaded_blas():
-    """As in test_attention.py: the interpreter's many small fp32 matmuls run faster on one
-    BLAS thread on this 2-core machine."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
 
 
 def _cu_seqlens(lengths, device):
@@ -88,9 +75,14 @@ def test_parity_issue_pack(backend, case, device):
     _check(backend, layout, ISSUE_PACK, 2, head_dim, dtype, _device(backend, device))
 
 
-@pytest.mark.parametrize("case", [(torch.float32, 80, "separate"), (torch.float16, 80, "packed")], ids=_id)
+ISSUE_PACK_TRITON = [(torch.float32, 80, "separate"), (torch.float16, 80, "packed"),
+                     (torch.float32, 64, "packed"), (torch.float16, 64, "separate")]
+
+
+@pytest.mark.parametrize("case", ISSUE_PACK_TRITON, ids=_id)
 def test_parity_issue_pack_triton(case, device):
-    """The issue's pack on triton: one head keeps the interpreter's run short."""
+    """The issue's pack on triton, each dtype and head dim once (both layouts): one head
+    keeps the interpreter's run short."""
     dtype, head_dim, layout = case
     _check("triton", layout, ISSUE_PACK, 1, head_dim, dtype, device)
 
