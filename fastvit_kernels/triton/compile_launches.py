@@ -400,6 +400,7 @@ _CI_ALL_CONFIGS = [
     ("_layer_norm", "fp32", set()),
     # fp32 attention at d = 64 only: its ieee dots at BLOCK_D = 128 take minutes per backward kernel.
     ("attn_", "fp32", {"BLOCK_D=64"}),
+    ("varlen_attn_", "fp32", {"BLOCK_D=64"}),
 ]
 # fp32 compiled at the first kept config only (besides the above): the recompute backward's
 # dW + bias grad (row sums without a prologue) crashed triton 3.6's compiler in every config.
