@@ -77,6 +77,23 @@ def linear(x, weight, bias):
     return F.linear(x, weight, bias)
 
 
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None):
+    """Packed sequences, each attending to itself only: q, k, v are (total, H, d), sequence i
+    is rows cu_seqlens[i]:cu_seqlens[i+1] (max_seqlen, the longest, is not needed here).
+    One SDPA per sequence."""
+    bounds = cu_seqlens.tolist()
+    outs = [attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), scale).transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs)
+
+
+def varlen_packed_attention(qkv, cu_seqlens, max_seqlen, num_heads, scale=None):
+    """Varlen attention on the qkv Linear's output (total, 3*D); returns (total, D)."""
+    total, width = qkv.shape
+    q, k, v = (t[0].transpose(0, 1) for t in split_qkv(qkv.unsqueeze(0), num_heads))
+    return varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale).reshape(total, width // 3)
+
+
 OPS = {
     "patch_embed": patch_embed,
     "layer_norm": layer_norm,
@@ -85,4 +102,6 @@ OPS = {
     "attention": attention,
     "packed_attention": packed_attention,
     "linear": linear,
+    "varlen_attention": varlen_attention,
+    "varlen_packed_attention": varlen_packed_attention,
 }

@@ -19,6 +19,8 @@ _OP_MODULES = {
     "attention": ("attention", "attention"),
     "packed_attention": ("attention", "packed_attention"),
     "linear": ("linear", "linear"),
+    "varlen_attention": ("varlen_attention", "varlen_attention"),
+    "varlen_packed_attention": ("varlen_attention", "varlen_packed_attention"),
 }
 
 OPS = {}
