@@ -24,7 +24,8 @@ STAMP36 := $(VENV36)/.installed
 # The tests that exercise fastvit_kernels/triton, selected here, in one place: the compile
 # check and the per-op files less their cpp cases (those would load the C++ extension).
 TRITON_TESTS ?= tests/ops/test_triton_compile.py tests/ops/test_attention.py \
-	tests/ops/test_layer_norm.py tests/ops/test_linear_gelu.py tests/ops/test_patch_embed.py
+	tests/ops/test_layer_norm.py tests/ops/test_linear_gelu.py tests/ops/test_patch_embed.py \
+	tests/ops/test_linear.py tests/ops/test_varlen_attention.py
 TRITON_TESTS_K ?= not cpp
 
 .PHONY: bench test test-triton36 lint clean-venv gpu-check gpu-check-smoke

@@ -206,15 +206,19 @@ def add_layer_norm(x, residual, weight, bias, eps: float = 1e-6, gamma=None):
                 _contiguous(gamma))
 
 
-def linear_gelu(x, weight, bias, approximate: str = "none"):
-    """``GELU(x @ weight.T + bias)``: exact erf GELU (``approximate="none"``), its tanh
-    approximation (``"tanh"``, SigLIP), or QuickGELU ``h * sigmoid(1.702 h)`` (``"quick"``, CLIP)."""
+def _check_linear_args(x, weight, bias) -> None:
     _check_tensor("x", x)
     _check_tensor("weight", weight, 2)
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x's last dimension must equal weight's in_features {weight.shape[1]} "
                          f"(weight {tuple(weight.shape)}), got x of shape {tuple(x.shape)}")
     _check_optional("bias", bias, (weight.shape[0],))
+
+
+def linear_gelu(x, weight, bias, approximate: str = "none"):
+    """``GELU(x @ weight.T + bias)``: exact erf GELU (``approximate="none"``), its tanh
+    approximation (``"tanh"``, SigLIP), or QuickGELU ``h * sigmoid(1.702 h)`` (``"quick"``, CLIP)."""
+    _check_linear_args(x, weight, bias)
     if approximate not in _GELU_APPROXIMATIONS:
         raise ValueError(f"approximate must be one of {_GELU_APPROXIMATIONS}, got {approximate!r}")
     device = x.device
@@ -228,12 +232,7 @@ def linear_gelu(x, weight, bias, approximate: str = "none"):
 def linear(x, weight, bias):
     """``x @ weight.T + bias``, as ``F.linear``: the Linear layers without an activation
     (qkv, proj, fc2, head), so that each backend runs its own GEMM for them."""
-    _check_tensor("x", x)
-    _check_tensor("weight", weight, 2)
-    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x's last dimension must equal weight's in_features {weight.shape[1]} "
-                         f"(weight {tuple(weight.shape)}), got x of shape {tuple(x.shape)}")
-    _check_optional("bias", bias, (weight.shape[0],))
+    _check_linear_args(x, weight, bias)
     device = x.device
     cast = _autocast_dtype(device)
     if cast is not None:

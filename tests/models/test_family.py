@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fast_cases import FAMILIES  # one config per family's knobs
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -23,14 +24,6 @@ from vit.layers import LayerScale, QuickGELU
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 GRID = 16  # patches of a TINY image
 
-FAMILIES = {
-    "dinov2": dict(init_values=1e-5),
-    "dinov2-reg": dict(init_values=1e-5, reg_tokens=4, no_embed_class=True),
-    "clip": dict(pre_norm=True, norm_eps=1e-5, act_layer="quick_gelu"),
-    "siglip": dict(class_token=False, global_pool="map", act_layer="gelu_tanh"),
-    "deit-distilled": dict(distilled=True),
-    "deit3": dict(no_embed_class=True, init_values=1e-6),
-}
 
 
 def perturbed(**overrides) -> ViT:

@@ -53,7 +53,8 @@ def test_state_dict_identical_and_loads_strict_both_ways(overrides):
 
 def test_forward_path_is_the_fused_one():
     """One patch_embed, residual adds fused into the next norm (2 per block, the last one
-    into the final norm), one packed attention and one linear_gelu per block."""
+    into the final norm), one packed attention and one linear_gelu per block, the other
+    Linear layers (qkv, proj, fc2; the head) on the linear op."""
     model = FastViT(**CFG).eval()
     calls = []
     real = _dispatch.dispatch
@@ -69,7 +70,8 @@ def test_forward_path_is_the_fused_one():
     assert calls.count("layer_norm") == 1  # block 0's norm1: nothing to add yet
     assert calls.count("add_layer_norm") == 2 * depth
     assert calls.count("packed_attention") == depth and calls.count("linear_gelu") == depth
-    assert calls[-1] == "add_layer_norm"  # the final norm fuses the last residual add
+    assert calls.count("linear") == 3 * depth + 1
+    assert calls[-2:] == ["add_layer_norm", "linear"]  # the final norm fuses the last residual add; the head
 
 
 def test_fast_layers_match_reference_layers():
