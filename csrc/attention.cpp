@@ -12,6 +12,7 @@
 #include "checks.h"
 #include "blas.h"
 #include "common.h"
+#include "attention.h"
 #include "ops.h"
 
 namespace fastvit {
@@ -308,6 +309,20 @@ void run_attention_bwd(const char* op, const at::Tensor& q, const at::Tensor& k,
 }
 
 }  // namespace
+
+// One attention on (B, H, N, d) views with a unit stride on d, for varlen_attention.cpp
+// (attention.h): the forward and backward paths of the entry points below.
+at::Tensor attention_fwd_views(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& out, double scale) {
+  return run_attention_fwd(q, k, v, out, Dims{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)}, scale);
+}
+
+void attention_bwd_views(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& o, const at::Tensor& go, const at::Tensor& lse, const at::Tensor& dq,
+                         const at::Tensor& dk, const at::Tensor& dv, double scale) {
+  run_attention_bwd(op, q, k, v, o, go, lse, dq, dk, dv,
+                    Dims{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)}, scale);
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                                  const at::Tensor& v_in, double scale) {

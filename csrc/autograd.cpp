@@ -315,3 +315,79 @@ TORCH_LIBRARY_IMPL(fastvit, Autograd, m) {
   m.impl("attention_fwd", &fastvit::attention_fwd_autograd);
   m.impl("packed_attention_fwd", &fastvit::packed_attention_fwd_autograd);
 }
+
+// Variable-length attention ---------------------------------------------------------
+// As attention's Functions; cu_seqlens (int32) and max_seqlen get no gradient.
+namespace fastvit {
+namespace {
+
+struct VarlenAttentionFunction : torch::autograd::Function<VarlenAttentionFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse] = op<&varlen_attention_fwd>("fastvit::varlen_attention_fwd")
+                          .call(q, k, v, cu_seqlens, max_seqlen, scale);
+    ctx->save_for_backward({q, k, v, out, lse, cu_seqlens});
+    ctx->saved_data["max_seqlen"] = max_seqlen;
+    ctx->saved_data["scale"] = scale;
+    ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4], &cu = saved[5];
+    auto [dq, dk, dv] = op<&varlen_attention_bwd>("fastvit::varlen_attention_bwd")
+                            .call(or_zeros(grads[0], out), q, k, v, out, lse, cu,
+                                  ctx->saved_data["max_seqlen"].toInt(), ctx->saved_data["scale"].toDouble());
+    return Grads(ctx).tensor(dq).tensor(dk).tensor(dv).tensor(Tensor()).none().none().done();
+  }
+};
+
+struct VarlenPackedAttentionFunction : torch::autograd::Function<VarlenPackedAttentionFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& qkv, const Tensor& cu_seqlens,
+                               int64_t max_seqlen, int64_t num_heads, double scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse] = op<&varlen_packed_attention_fwd>("fastvit::varlen_packed_attention_fwd")
+                          .call(qkv, cu_seqlens, max_seqlen, num_heads, scale);
+    ctx->save_for_backward({qkv, out, lse, cu_seqlens});
+    ctx->saved_data["max_seqlen"] = max_seqlen;
+    ctx->saved_data["num_heads"] = num_heads;
+    ctx->saved_data["scale"] = scale;
+    ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &qkv = saved[0], &out = saved[1], &lse = saved[2], &cu = saved[3];
+    Tensor dqkv = op<&varlen_packed_attention_bwd>("fastvit::varlen_packed_attention_bwd")
+                      .call(or_zeros(grads[0], out), qkv, out, lse, cu, ctx->saved_data["max_seqlen"].toInt(),
+                            ctx->saved_data["num_heads"].toInt(), ctx->saved_data["scale"].toDouble());
+    return Grads(ctx).tensor(dqkv).tensor(Tensor()).none().none().none().done();
+  }
+};
+
+std::tuple<Tensor, Tensor> varlen_attention_fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                         const Tensor& cu_seqlens, int64_t max_seqlen,
+                                                         double scale) {
+  variable_list outs = VarlenAttentionFunction::apply(q, k, v, cu_seqlens, max_seqlen, scale);
+  return {outs[0], outs[1]};
+}
+
+std::tuple<Tensor, Tensor> varlen_packed_attention_fwd_autograd(const Tensor& qkv, const Tensor& cu_seqlens,
+                                                                int64_t max_seqlen, int64_t num_heads,
+                                                                double scale) {
+  variable_list outs = VarlenPackedAttentionFunction::apply(qkv, cu_seqlens, max_seqlen, num_heads, scale);
+  return {outs[0], outs[1]};
+}
+
+}  // namespace
+}  // namespace fastvit
+
+TORCH_LIBRARY_IMPL(fastvit, Autograd, m) {
+  m.impl("varlen_attention_fwd", &fastvit::varlen_attention_fwd_autograd);
+  m.impl("varlen_packed_attention_fwd", &fastvit::varlen_packed_attention_fwd_autograd);
+}

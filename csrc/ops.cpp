@@ -60,3 +60,22 @@ TORCH_LIBRARY_IMPL(fastvit, CPU, m) {
   m.impl("packed_attention_fwd", &fastvit::packed_attention_fwd);
   m.impl("packed_attention_bwd", &fastvit::packed_attention_bwd);
 }
+
+// Variable-length attention (varlen_attention.cpp), a fragment of its own.
+TORCH_LIBRARY_FRAGMENT(fastvit, m) {
+  m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale)"
+        " -> (Tensor, Tensor)");
+  m.def("varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("varlen_packed_attention_fwd(Tensor qkv, Tensor cu_seqlens, int max_seqlen, int num_heads, float scale)"
+        " -> (Tensor, Tensor)");
+  m.def("varlen_packed_attention_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor cu_seqlens,"
+        " int max_seqlen, int num_heads, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastvit, CPU, m) {
+  m.impl("varlen_attention_fwd", &fastvit::varlen_attention_fwd);
+  m.impl("varlen_attention_bwd", &fastvit::varlen_attention_bwd);
+  m.impl("varlen_packed_attention_fwd", &fastvit::varlen_packed_attention_fwd);
+  m.impl("varlen_packed_attention_bwd", &fastvit::varlen_packed_attention_bwd);
+}

@@ -60,6 +60,24 @@ at::Tensor packed_attention_bwd(const at::Tensor& grad_out, const at::Tensor& qk
                                 const at::Tensor& out, const at::Tensor& lse, int64_t num_heads,
                                 double scale);
 
+// Variable-length attention (varlen_attention.cpp): q, k, v (total, H, d) hold packed
+// sequences, sequence i is rows cu_seqlens[i]:cu_seqlens[i+1] (cu_seqlens int32 (n_seq + 1,)).
+// (out (total, H, d), lse (H, total) fp32)
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                                        int64_t max_seqlen, double scale);
+// (dq, dk, dv)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale);
+// (out (total, D), lse (H, total) fp32) from qkv (total, 3*D) laid out (total, 3, H, d)
+std::tuple<at::Tensor, at::Tensor> varlen_packed_attention_fwd(const at::Tensor& qkv, const at::Tensor& cu_seqlens,
+                                                               int64_t max_seqlen, int64_t num_heads, double scale);
+// dqkv (total, 3*D)
+at::Tensor varlen_packed_attention_bwd(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+                                       const at::Tensor& lse, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                                       int64_t num_heads, double scale);
+
 // The instruction set the kernels were compiled for: "DEFAULT", "AVX2" or "AVX512".
 std::string cpu_capability();
 

@@ -20,6 +20,8 @@ from .functional import (
     linear_gelu,
     packed_attention,
     patch_embed,
+    varlen_attention,
+    varlen_packed_attention,
 )
 
 __all__ = [
@@ -36,4 +38,6 @@ __all__ = [
     "patch_embed",
     "requested_backend",
     "resolved_backend",
+    "varlen_attention",
+    "varlen_packed_attention",
 ]

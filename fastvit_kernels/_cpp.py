@@ -227,6 +227,37 @@ def packed_attention(qkv, num_heads, scale=None):
     return torch.ops.fastvit.packed_attention_fwd(qkv, num_heads, scale)[0]
 
 
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None):
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    return torch.ops.fastvit.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale)[0]
+
+
+def varlen_packed_attention(qkv, cu_seqlens, max_seqlen, num_heads, scale=None):
+    scale = default_scale(qkv.shape[-1] // (3 * num_heads)) if scale is None else scale
+    return torch.ops.fastvit.varlen_packed_attention_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale)[0]
+
+
+def _register_varlen_fakes() -> None:
+    """Fake kernels of the variable-length attention ops (csrc/varlen_attention.cpp)."""
+    reg = torch.library.register_fake
+
+    @reg("fastvit::varlen_attention_fwd")
+    def _(q, k, v, cu_seqlens, max_seqlen, scale):
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_acc(q.dtype))
+
+    @reg("fastvit::varlen_attention_bwd")
+    def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @reg("fastvit::varlen_packed_attention_fwd")
+    def _(qkv, cu_seqlens, max_seqlen, num_heads, scale):
+        total, width = qkv.shape
+        return qkv.new_empty((total, width // 3)), qkv.new_empty((num_heads, total), dtype=_acc(qkv.dtype))
+
+    @reg("fastvit::varlen_packed_attention_bwd")
+    def _(grad_out, qkv, out, lse, cu_seqlens, max_seqlen, num_heads, scale):
+        return qkv.new_empty(qkv.shape)
+
 _PUBLIC = {name: globals()[name] for name in reference.OPS}  # every op, by the functions above
 
 
@@ -262,6 +293,7 @@ def _init() -> None:
                       RuntimeWarning, stacklevel=3)
         raise ImportError(UNAVAILABLE_REASON) from exc
     _register_fakes()
+    _register_varlen_fakes()
     OPS.update(_PUBLIC)
 
 

@@ -65,6 +65,15 @@ def _check_eps(eps) -> None:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
 
 
+def _check_num_heads(width: int, num_heads) -> None:
+    """num_heads of a packed qkv whose last dimension is ``width`` = 3 * num_heads * head_dim."""
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if width % (3 * num_heads):
+        raise ValueError(f"qkv's last dimension {width} must be 3 * num_heads * head_dim "
+                         f"with num_heads={num_heads}")
+
+
 # ---------------------------------------------------------------------------- autocast
 def _autocast_dtype(device: torch.device):
     """The dtype autocast casts matrix products to, or None outside autocast."""
@@ -247,12 +256,8 @@ def packed_attention(qkv, num_heads: int, scale: float | None = None):
     (B, N, D), ready for the output projection without a permute.
     """
     _check_tensor("qkv", qkv, 3)
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     width = qkv.shape[-1]
-    if width % (3 * num_heads):
-        raise ValueError(f"qkv's last dimension {width} must be 3 * num_heads * head_dim "
-                         f"with num_heads={num_heads}")
+    _check_num_heads(width, num_heads)
     _check_scale(scale)
     device = qkv.device
     cast = _autocast_dtype(device)
@@ -260,3 +265,77 @@ def packed_attention(qkv, num_heads: int, scale: float | None = None):
         (qkv,) = _cast(cast, qkv)
     scale = default_scale(width // (3 * num_heads)) if scale is None else float(scale)
     return _run("packed_attention", device, cast, qkv, num_heads, scale)
+
+
+# ------------------------------------------------------------------- variable-length ops
+def _check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) -> None:
+    """cu_seqlens: (n_seq + 1,) int32 on ``device``, 0 first, non-decreasing, ``total`` last;
+    max_seqlen: an int at least the longest sequence. The values are read once on the host
+    (a device sync); under torch.compile they are not read."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must have dtype torch.int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have shape (n_seq + 1,) with n_seq >= 1, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tokens are on {device}; "
+                         "all tensors must be on one device")
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    if torch.compiler.is_compiling():
+        return
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    if bounds[-1] != total:
+        raise ValueError(f"cu_seqlens must end at the token count {total}, got {bounds[-1]}")
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if min(lengths) < 0:
+        i = lengths.index(min(lengths))
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds[i]} then {bounds[i + 1]} "
+                         f"at index {i}")
+    if max(lengths) > max_seqlen:
+        raise ValueError(f"max_seqlen must be at least the longest sequence's length {max(lengths)}, "
+                         f"got {max_seqlen}")
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float | None = None):
+    """Non-causal attention within each of several packed sequences (flash-attention's varlen).
+
+    q, k, v are (total, H, d): the tokens of every sequence back to back; sequence i is rows
+    ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only to itself. cu_seqlens is an int32
+    (n_seq + 1,) tensor of cumulative lengths, starting at 0 and ending at total, on the
+    tokens' device; max_seqlen is the longest length (or more). Returns (total, H, d).
+    """
+    _check_tensor("q", q, 3)
+    _check_tensor("k", k, 3)
+    _check_tensor("v", v, 3)
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(f"q, k and v must have one shape (total, H, d), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    _check_scale(scale)
+    device = q.device
+    _check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], device)
+    cast = _autocast_dtype(device)
+    if cast is not None:
+        q, k, v = _cast(cast, q, k, v)
+    _check_same("q", q, "k", k, "v", v)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    return _run("varlen_attention", device, cast, q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def varlen_packed_attention(qkv, cu_seqlens, max_seqlen: int, num_heads: int, scale: float | None = None):
+    """``varlen_attention`` straight from the qkv Linear's output: qkv is (total, 3*D) laid
+    out as (total, 3, H, d); returns (total, D). cu_seqlens and max_seqlen as there."""
+    _check_tensor("qkv", qkv, 2)
+    width = qkv.shape[-1]
+    _check_num_heads(width, num_heads)
+    _check_scale(scale)
+    device = qkv.device
+    _check_cu_seqlens(cu_seqlens, max_seqlen, qkv.shape[0], device)
+    cast = _autocast_dtype(device)
+    if cast is not None:
+        (qkv,) = _cast(cast, qkv)
+    scale = default_scale(width // (3 * num_heads)) if scale is None else float(scale)
+    return _run("varlen_packed_attention", device, cast, qkv, cu_seqlens, max_seqlen, num_heads, scale)

@@ -73,6 +73,23 @@ def packed_attention(qkv, num_heads, scale=None):
     return attention(q, k, v, scale).transpose(1, 2).reshape(batch, tokens, width // 3)
 
 
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None):
+    """Packed sequences, each attending to itself only: q, k, v are (total, H, d), sequence i
+    is rows cu_seqlens[i]:cu_seqlens[i+1] (max_seqlen, the longest, is not needed here).
+    One SDPA per sequence."""
+    bounds = cu_seqlens.tolist()
+    outs = [attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), scale).transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs)
+
+
+def varlen_packed_attention(qkv, cu_seqlens, max_seqlen, num_heads, scale=None):
+    """Varlen attention on the qkv Linear's output (total, 3*D); returns (total, D)."""
+    total, width = qkv.shape
+    q, k, v = (t[0].transpose(0, 1) for t in split_qkv(qkv.unsqueeze(0), num_heads))
+    return varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale).reshape(total, width // 3)
+
+
 OPS = {
     "patch_embed": patch_embed,
     "layer_norm": layer_norm,
@@ -80,4 +97,6 @@ OPS = {
     "linear_gelu": linear_gelu,
     "attention": attention,
     "packed_attention": packed_attention,
+    "varlen_attention": varlen_attention,
+    "varlen_packed_attention": varlen_packed_attention,
 }

@@ -145,8 +145,8 @@ def check_op(name: str, fast_fn: Callable, ref_fn: Callable, inputs: Sequence,
         grads_out = [rand(*o.shape, dtype=o.dtype, device=o.device) for o in probe]
     outs, grads = forward_backward(fast_fn, inputs, grads_out)
 
-    def again(cast):
-        fresh = [cast(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+    def again(cast):  # index tensors (varlen attention's cu_seqlens) pass through as they are
+        fresh = [cast(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
         return forward_backward(ref_fn, fresh, [cast(g) for g in grads_out])
 
     hi_outs, hi_grads = again(lambda t: upcast(t)[0])

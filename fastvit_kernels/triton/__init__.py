@@ -18,6 +18,8 @@ _OP_MODULES = {
     "patch_embed": ("patch_embed", "patch_embed"),
     "attention": ("attention", "attention"),
     "packed_attention": ("attention", "packed_attention"),
+    "varlen_attention": ("varlen_attention", "varlen_attention"),
+    "varlen_packed_attention": ("varlen_attention", "varlen_packed_attention"),
 }
 
 OPS = {}

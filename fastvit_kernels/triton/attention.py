@@ -69,7 +69,8 @@ def _keep(conf, args, owned: str, owned_tiles: int) -> bool:
     """Whether a config is worth timing for this call. ``owned``: which of BLOCK_M / BLOCK_N
     is the per-program tile; ``owned_tiles``: how many tiles of that size a program holds."""
     owned_rows = conf.kwargs[owned]
-    n_owned = args["N_Q"] if owned == "BLOCK_M" else args["N_K"]
+    # Packed variable-length sequences (varlen_attention.py) are bounded by the longest one.
+    n_owned = args["MAX_SEQLEN"] if "MAX_SEQLEN" in args else args["N_Q" if owned == "BLOCK_M" else "N_K"]
     # A per-program tile far longer than the sequence is mostly padding.
     if owned_rows > max(64, triton.next_power_of_2(n_owned)):
         return False
@@ -157,6 +158,21 @@ def attention_forward(q, k, v, out, scale: float) -> torch.Tensor:
     return lse
 
 
+def backward_delta(out, grad_out, grad_lse, block_d: int) -> torch.Tensor:
+    """The backward's first pass: rowsum(dO * O) - dLSE, fp32 (B, H, N), from (B, H, N, d)
+    views of the output and its gradient (grad_lse: (B, H, N) or None)."""
+    batch, heads, n_q, head_dim = out.shape
+    if grad_lse is not None:
+        grad_lse = grad_lse.to(torch.float32).contiguous()
+    delta = torch.empty((batch, heads, n_q), device=out.device, dtype=torch.float32)
+    attn_bwd_preprocess[(triton.cdiv(n_q, _PREPROCESS_BLOCK_M) * batch * heads,)](
+        out, grad_out, grad_lse if grad_lse is not None else delta, delta,
+        *_strides(out), *_strides(grad_out), heads, n_q,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_DLSE=grad_lse is not None, BLOCK_M=_PREPROCESS_BLOCK_M,
+    )
+    return delta
+
+
 def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, scale: float) -> None:
     """Write the gradients of attention into dq, dk, dv ((B, H, N, d) views, unit stride on d).
 
@@ -171,15 +187,7 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, scale:
         dv.zero_()
         return
     meta = _common(q, k)
-    if grad_lse is not None:
-        grad_lse = grad_lse.to(torch.float32).contiguous()
-    delta = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
-    attn_bwd_preprocess[(triton.cdiv(n_q, _PREPROCESS_BLOCK_M) * batch * heads,)](
-        out, grad_out, grad_lse if grad_lse is not None else delta, delta,
-        *_strides(out), *_strides(grad_out), heads, n_q,
-        HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], HAS_DLSE=grad_lse is not None,
-        BLOCK_M=_PREPROCESS_BLOCK_M,
-    )
+    delta = backward_delta(out, grad_out, grad_lse, meta["BLOCK_D"])
     common = (q, k, v, grad_out, lse, delta)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     _attn_bwd_dkdv_tuned[lambda m: (triton.cdiv(n_k, m["BLOCK_N"]) * batch * heads,)](

@@ -5,6 +5,10 @@ program's base pointer (batch and head, int64) is a scalar, and each loop step r
 its tile's pointers from that scalar and the step's first row, so no pointer tensor is
 carried through a loop (carried pointer tensors cost registers and made these spill).
 Scores and the online softmax are fp32, in base 2; the saved log-sum-exp is natural-log.
+
+Each kernel is a thin entry that finds its program's (batch, head) base pointers and row
+counts and runs a ``*_tile`` body on them; the variable-length kernels (varlen_attention.py)
+run the same bodies on one packed sequence's rows.
 """
 
 from __future__ import annotations
@@ -105,6 +109,37 @@ def _fwd_inner(acc, l_i, m_i, q, K_BH, V_BH, stride_kn, stride_vn, start, end, N
 
 
 @triton.jit
+def _fwd_tile(Q_BH, K_BH, V_BH, O_BH, LSE_ROW, stride_qn, stride_kn, stride_vn, stride_on,
+              start_m, N_Q, N_K, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query rows [start_m, start_m + BLOCK_M) of one (N_Q, d) x (N_K, d) attention whose
+    rows start at the *_BH pointers (one batch and head, or one packed sequence and head):
+    writes their output rows and their log-sum-exp at LSE_ROW + row."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q_BH, start_m, N_Q, stride_qn, offs_m, offs_d, HEAD_DIM, BLOCK_D, True)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Full key blocks without a row mask, then the ragged last block with one.
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_BH, V_BH, stride_kn, stride_vn, 0, n_full, N_K,
+                               qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION)
+    if n_full < N_K:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_BH, V_BH, stride_kn, stride_vn, n_full, N_K,
+                                   N_K, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+                                   DOT_PRECISION)
+
+    acc = acc / l_i[:, None]
+    _store_rows(O_BH, acc.to(O_BH.dtype.element_ty), start_m, N_Q, stride_on, offs_m, offs_d, HEAD_DIM, BLOCK_D)
+    rows = start_m + offs_m
+    lse = (m_i + tl.math.log2(l_i)) * _LN2
+    tl.store(LSE_ROW + rows, lse, mask=rows < N_Q)
+
+
+@triton.jit
 def attn_fwd(
     Q, K, V, Out,                                # (B, H, N, d) views, unit stride on d
     LSE,                                         # (B*H, N_Q) fp32 out: natural-log log-sum-exp
@@ -121,33 +156,10 @@ def attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m, pid_bh, b, h = _program(N_Q, BLOCK_M, H)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    K_BH = K + b * stride_kb + h * stride_kh
-    V_BH = V + b * stride_vb + h * stride_vh
-
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, start_m, N_Q, stride_qn, offs_m, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    # Full key blocks without a row mask, then the ragged last block with one.
-    n_full = (N_K // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_BH, V_BH, stride_kn, stride_vn, 0, n_full, N_K,
-                               qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION)
-    if n_full < N_K:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_BH, V_BH, stride_kn, stride_vn, n_full, N_K,
-                                   N_K, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, True,
-                                   DOT_PRECISION)
-
-    acc = acc / l_i[:, None]
-    _store_rows(Out + b * stride_ob + h * stride_oh, acc.to(Out.dtype.element_ty), start_m, N_Q, stride_on,
-                offs_m, offs_d, HEAD_DIM, BLOCK_D)
-    rows = start_m + offs_m
-    lse = (m_i + tl.math.log2(l_i)) * _LN2
-    tl.store(LSE + pid_bh.to(tl.int64) * N_Q + rows, lse, mask=rows < N_Q)
+    _fwd_tile(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh,
+              V + b * stride_vb + h * stride_vh, Out + b * stride_ob + h * stride_oh,
+              LSE + pid_bh.to(tl.int64) * N_Q, stride_qn, stride_kn, stride_vn, stride_on,
+              start_m, N_Q, N_K, qk_scale, HEAD_DIM, BLOCK_D, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
 
 # ---------------------------------------------------------------------------------- backward
@@ -207,6 +219,36 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_BH, DO_BH, LSE_ROW, DELTA_ROW, stride_qn, st
 
 
 @triton.jit
+def _dkdv_tile(Q_BH, K_BH, V_BH, DO_BH, LSE_ROW, DELTA_ROW, DK_BH, DV_BH,
+               stride_qn, stride_kn, stride_vn, stride_don, stride_dkn, stride_dvn,
+               start_n, N_Q, N_K, sm_scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK and dV of key rows [start_n, start_n + BLOCK_N) of one attention (rows at the *_BH
+    pointers, lse and delta at LSE_ROW / DELTA_ROW + query row)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K_BH, start_n, N_K, stride_kn, offs_n, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V_BH, start_n, N_K, stride_vn, offs_n, offs_d, HEAD_DIM, BLOCK_D, True)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    m_full = (N_Q // BLOCK_M) * BLOCK_M
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_BH, DO_BH, LSE_ROW, DELTA_ROW, stride_qn, stride_don,
+                             0, m_full, N_Q, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             False, DOT_PRECISION)
+    if m_full < N_Q:
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_BH, DO_BH, LSE_ROW, DELTA_ROW, stride_qn, stride_don,
+                                 m_full, N_Q, N_Q, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                 True, DOT_PRECISION)
+
+    # Key rows past N_K were loaded as zeros and are simply not stored.
+    _store_rows(DK_BH, (dk * sm_scale).to(DK_BH.dtype.element_ty), start_n, N_K, stride_dkn, offs_n, offs_d,
+                HEAD_DIM, BLOCK_D)
+    _store_rows(DV_BH, dv.to(DV_BH.dtype.element_ty), start_n, N_K, stride_dvn, offs_n, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
 def attn_bwd_dkdv(
     Q, K, V, DO,                                 # (B, H, N, d) views
     LSE, DELTA,                                  # (B*H, N_Q) fp32
@@ -224,34 +266,12 @@ def attn_bwd_dkdv(
     BLOCK_N: tl.constexpr,                       # keys owned by one program
 ):
     start_n, pid_bh, b, h = _program(N_K, BLOCK_N, H)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * stride_kb + h * stride_kh, start_n, N_K, stride_kn, offs_n, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + b * stride_vb + h * stride_vh, start_n, N_K, stride_vn, offs_n, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    Q_BH = Q + b * stride_qb + h * stride_qh
-    DO_BH = DO + b * stride_dob + h * stride_doh
-    lse_row = LSE + pid_bh.to(tl.int64) * N_Q
-    delta_row = DELTA + pid_bh.to(tl.int64) * N_Q
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    m_full = (N_Q // BLOCK_M) * BLOCK_M
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_BH, DO_BH, lse_row, delta_row, stride_qn, stride_don,
-                             0, m_full, N_Q, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M,
-                             False, DOT_PRECISION)
-    if m_full < N_Q:
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_BH, DO_BH, lse_row, delta_row, stride_qn, stride_don,
-                                 m_full, N_Q, N_Q, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                 True, DOT_PRECISION)
-
-    # Key rows past N_K were loaded as zeros and are simply not stored.
-    _store_rows(DK + b * stride_dkb + h * stride_dkh, (dk * sm_scale).to(DK.dtype.element_ty),
-                start_n, N_K, stride_dkn, offs_n, offs_d, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + b * stride_dvb + h * stride_dvh, dv.to(DV.dtype.element_ty),
-                start_n, N_K, stride_dvn, offs_n, offs_d, HEAD_DIM, BLOCK_D)
+    row = pid_bh.to(tl.int64) * N_Q
+    _dkdv_tile(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh,
+               V + b * stride_vb + h * stride_vh, DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row,
+               DK + b * stride_dkb + h * stride_dkh, DV + b * stride_dvb + h * stride_dvh,
+               stride_qn, stride_kn, stride_vn, stride_don, stride_dkn, stride_dvn,
+               start_n, N_Q, N_K, sm_scale, qk_scale, HEAD_DIM, BLOCK_D, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -275,6 +295,34 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_BH, V_BH, stride_kn, stride_vn, star
 
 
 @triton.jit
+def _dq_tile(Q_BH, K_BH, V_BH, DO_BH, LSE_ROW, DELTA_ROW, DQ_BH,
+             stride_qn, stride_kn, stride_vn, stride_don, stride_dqn,
+             start_m, N_Q, N_K, sm_scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of query rows [start_m, start_m + BLOCK_M) of one attention (as ``_dkdv_tile``)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q_BH, start_m, N_Q, stride_qn, offs_m, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO_BH, start_m, N_Q, stride_don, offs_m, offs_d, HEAD_DIM, BLOCK_D, True)
+    rows = start_m + offs_m
+    # Padded query rows get lse = +inf, hence p = 0, and are not stored.
+    lse2 = tl.load(LSE_ROW + rows, mask=rows < N_Q, other=float("inf")) * _LOG2E
+    delta = tl.load(DELTA_ROW + rows, mask=rows < N_Q, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_BH, V_BH, stride_kn, stride_vn, 0, n_full, N_K,
+                       qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION)
+    if n_full < N_K:
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_BH, V_BH, stride_kn, stride_vn, n_full, N_K, N_K,
+                           qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION)
+
+    _store_rows(DQ_BH, (dq * sm_scale).to(DQ_BH.dtype.element_ty), start_m, N_Q, stride_dqn, offs_m, offs_d,
+                HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
 def attn_bwd_dq(
     Q, K, V, DO,                                 # (B, H, N, d) views
     LSE, DELTA,                                  # (B*H, N_Q) fp32
@@ -291,28 +339,8 @@ def attn_bwd_dq(
     BLOCK_N: tl.constexpr,                       # keys per step of the loop
 ):
     start_m, pid_bh, b, h = _program(N_Q, BLOCK_M, H)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, start_m, N_Q, stride_qn, offs_m, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, start_m, N_Q, stride_don, offs_m, offs_d,
-                    HEAD_DIM, BLOCK_D, True)
-    rows = start_m + offs_m
-    row_offs = pid_bh.to(tl.int64) * N_Q + rows
-    # Padded query rows get lse = +inf, hence p = 0, and are not stored.
-    lse2 = tl.load(LSE + row_offs, mask=rows < N_Q, other=float("inf")) * _LOG2E
-    delta = tl.load(DELTA + row_offs, mask=rows < N_Q, other=0.0)
-    K_BH = K + b * stride_kb + h * stride_kh
-    V_BH = V + b * stride_vb + h * stride_vh
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_full = (N_K // BLOCK_N) * BLOCK_N
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_BH, V_BH, stride_kn, stride_vn, 0, n_full, N_K,
-                       qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION)
-    if n_full < N_K:
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_BH, V_BH, stride_kn, stride_vn, n_full, N_K, N_K,
-                           qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION)
-
-    _store_rows(DQ + b * stride_dqb + h * stride_dqh, (dq * sm_scale).to(DQ.dtype.element_ty),
-                start_m, N_Q, stride_dqn, offs_m, offs_d, HEAD_DIM, BLOCK_D)
+    row = pid_bh.to(tl.int64) * N_Q
+    _dq_tile(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh,
+             V + b * stride_vb + h * stride_vh, DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row,
+             DQ + b * stride_dqb + h * stride_dqh, stride_qn, stride_kn, stride_vn, stride_don, stride_dqn,
+             start_m, N_Q, N_K, sm_scale, qk_scale, HEAD_DIM, BLOCK_D, DOT_PRECISION, BLOCK_M, BLOCK_N)

@@ -326,12 +326,43 @@ def _packed_attention(s: Shape, batch: int, dtype, extras: bool):
     _attention(q, k, v, out, dout, dq, dk, dv)
 
 
+def _varlen(s: Shape, batch: int, dtype, packed: bool):
+    """``batch`` sequences of the shape's token count packed into one (total, ...) tensor: q,
+    k, v (total, H, d) contiguous, or views of the qkv Linear's (total, 3*D) output (packed).
+    The launchers never read cu_seqlens' values, only its length."""
+    from fastvit_kernels.triton.varlen_attention import (
+        _split_packed,
+        _token_heads,
+        varlen_attention_backward,
+        varlen_attention_forward,
+    )
+    total, scale = batch * s.tokens, s.head_dim ** -0.5
+    cu_seqlens = _empty(batch + 1, dtype=torch.int32)
+    if packed:
+        (q, k, v), (dq, dk, dv) = (_split_packed(_empty(total, 3 * s.dim, dtype=dtype), s.heads) for _ in range(2))
+        out, dout = (_token_heads(_empty(total, s.dim, dtype=dtype), s.heads) for _ in range(2))
+    else:
+        q, k, v, out, dout, dq, dk, dv = (_empty(total, s.heads, s.head_dim, dtype=dtype) for _ in range(8))
+    lse = varlen_attention_forward(q, k, v, out, cu_seqlens, s.tokens, scale)
+    varlen_attention_backward(dout, None, q, k, v, out, lse, cu_seqlens, s.tokens, dq, dk, dv, scale)
+
+
+def _varlen_attention(s: Shape, batch: int, dtype, extras: bool):
+    _varlen(s, batch, dtype, packed=False)
+
+
+def _varlen_packed_attention(s: Shape, batch: int, dtype, extras: bool):
+    _varlen(s, batch, dtype, packed=True)
+
+
 WORKLOADS: dict[str, Callable] = {
     "patch_embed": _patch_embed,
     "layer_norm": _layer_norms,
     "linear_gelu": _linear_gelu,
     "attention": _unpacked_attention,
     "packed_attention": _packed_attention,
+    "varlen_attention": _varlen_attention,
+    "varlen_packed_attention": _varlen_packed_attention,
 }
 
 
@@ -360,6 +391,7 @@ def _tokens(job: Job) -> set:
 # else in the CI sweep is compiled at its first kept config only (16-bit) or not at all (fp32).
 _CI_ALL_CONFIGS = [
     ("attn_", "bf16", set()),                                    # both head dims, fwd and bwd
+    ("varlen_attn_", "bf16", set()),                             # the same tiles, per packed sequence
     ("_layer_norm", "bf16", set()),
     ("_gemm_kernel", "bf16", {"ACT_GRAD_OUT"}),                  # training forward, saves GELU'
     ("_gemm_kernel", "bf16", {"EPI_GELU_GRAD"}),                 # recompute backward

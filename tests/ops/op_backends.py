@@ -11,6 +11,20 @@ needs_cpp = pytest.mark.skipif("not fk.available_backends()['cpp'].available",
 BACKENDS = ["triton", pytest.param("cpp", marks=needs_cpp), "torch"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_threaded_blas():
+    """Autouse in the attention test modules that import it: the interpreter runs fp32 tl.dot
+    as many small numpy matmuls, and a multi-threaded OpenBLAS spends ~3x their time
+    synchronizing threads on a 2-core machine."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def backend_device(backend: str, device: torch.device) -> torch.device:
     """The cpp backend runs on CPU tensors only, whatever device the other backends test on."""
     return torch.device("cpu") if backend == "cpp" else device

@@ -19,7 +19,7 @@ and layout once), not the full cross product; CUDA runs a wider sweep.
 
 import pytest
 import torch
-from op_backends import BACKENDS, needs_cpp
+from op_backends import BACKENDS, needs_cpp, single_threaded_blas  # noqa: F401  (autouse)
 from op_backends import backend_device as _device
 
 import fastvit_kernels as fk
@@ -31,19 +31,6 @@ from fastvit_kernels.triton._common import H100_SHARED_MEM
 
 ON_CUDA = torch.cuda.is_available()
 LAYOUTS = ("separate", "views", "packed")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_threaded_blas():
-    """The interpreter runs fp32 tl.dot as many small numpy matmuls; a multi-threaded
-    OpenBLAS spends ~3x their time synchronizing threads on this 2-core machine."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
 
 
 # ------------------------------------------------------------------------------ helpers

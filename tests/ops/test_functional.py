@@ -207,7 +207,7 @@ def test_autocast_policy_cpu():
 
 def test_reference_ops_registry_complete():
     assert set(reference.OPS) == {"patch_embed", "layer_norm", "add_layer_norm", "linear_gelu",
-                                  "attention", "packed_attention"}
+                                  "attention", "packed_attention", "varlen_attention", "varlen_packed_attention"}
 
 
 def test_compile_fullgraph_traces_dispatch():
