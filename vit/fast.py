@@ -30,9 +30,12 @@ from fastvit_kernels.reference import default_scale
 
 from . import layers, model
 from .config import ViTConfig
+from .packing import PackLayout
 
 # Every fused op a fast model may call (``ViT.ops()``: those of one model, ``backends()`` reports on them).
 MODEL_OPS = ("patch_embed", "layer_norm", "add_layer_norm", "linear_gelu", "packed_attention", "attention")
+# ... and on a list of images (``vit.packing``), attention within each image of the pack.
+PACKED_OPS = ("varlen_packed_attention",)
 
 # A config's act_layer -> linear_gelu's ``approximate``.
 APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh", "quick_gelu": "quick"}
@@ -103,6 +106,12 @@ class FastAttention(layers.Attention):
             return super().attend(qkv)  # the fused kernels have no attention dropout
         return fk.packed_attention(qkv, self.num_heads)
 
+    def attend_packed(self, qkv: torch.Tensor, layout: PackLayout) -> torch.Tensor:
+        """A pack's qkv (1, total, 3*D) -> (1, total, D) through the varlen kernel."""
+        if self.training and self.attn_drop > 0:
+            return super().attend_packed(qkv, layout)
+        return fk.varlen_packed_attention(qkv[0], layout.cu_seqlens, layout.max_seqlen, self.num_heads)[None]
+
 
 class FastMlp(layers.Mlp):
     """fc1 + activation (GELU, tanh-GELU or QuickGELU) as one fused ``linear_gelu``, then
@@ -132,11 +141,16 @@ class FastBlock(layers.Block):
     norm_layer = FastLayerNorm
 
     def forward(self, x: torch.Tensor, pending: torch.Tensor | None = None,
-                gamma: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                gamma: torch.Tensor | None = None, layout: PackLayout | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         if pending is None:
             normed = self.norm1(x)
         else:
             normed, x = self.norm1.add_norm(pending, x, gamma)
+        if layout is not None:  # a pack of images (vit.packing): attention and drop-path per image
+            branch = self.drop_path1(self.attn(normed, layout), layout)
+            normed, x = self.norm2.add_norm(branch, x, layer_scale(self.ls1))
+            return x, self.drop_path2(self.mlp(normed), layout)
         branch = self.drop_path1(self.attn(normed))
         normed, x = self.norm2.add_norm(branch, x, layer_scale(self.ls1))
         return x, self.drop_path2(self.mlp(normed))
@@ -161,21 +175,21 @@ class ViT(model.ViT):
     norm_layer = FastLayerNorm
     attn_pool_layer = FastAttentionPoolLatent
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        grid = self.check_images(x)
+    def embed(self, x: torch.Tensor, any_size: bool = False) -> torch.Tensor:
+        grid = self.check_images(x, any_size)
         # Registers and DeiT's distillation token never coexist (the config says so); both
         # follow the class token, which is what the op's reg_tokens are.
         extra = self.reg_token if self.reg_token is not None else self.dist_token
         return self.pos_drop(self.patch_embed(x, self.pos_embed_for(grid), self.cls_token, extra))
 
-    def iter_blocks(self, x: torch.Tensor, blocks=None):
+    def iter_blocks(self, x: torch.Tensor, blocks=None, layout: PackLayout | None = None):
         """Yields each block's output as the unsummed ``(x, branch, gamma)``: the output is
         ``x + gamma * branch`` (``x + branch`` when gamma is None)."""
         pending = gamma = None
         for block in self.blocks if blocks is None else blocks:
             # A checkpoint unit is one block including the add of the branch it receives:
             # the same arithmetic as without checkpointing, so the same gradients.
-            x, pending = self._run_block(block, x, pending, gamma)
+            x, pending = self._run_block(block, x, pending, gamma, layout=layout)
             gamma = layer_scale(block.ls2)
             yield x, pending, gamma
 
@@ -253,4 +267,4 @@ class ViT(model.ViT):
 
 
 __all__ = ["FastAttention", "FastAttentionPoolLatent", "FastBlock", "FastLayerNorm", "FastMlp",
-           "FastPatchEmbed", "MODEL_OPS", "ViT", "layer_scale"]
+           "FastPatchEmbed", "MODEL_OPS", "PACKED_OPS", "ViT", "layer_scale"]
