@@ -114,7 +114,7 @@ def run(config, *, n: int, lo: int, hi: int, device: torch.device, dtype: torch.
         median = sorted(seconds)[len(seconds) // 2]
         tokens = resize_tokens if name.startswith("resize") else real_tokens
         rows[name] = {"median_ms": median * 1e3, "img_per_s": n / median, "tokens_per_s": tokens / median,
-                      "rounds": len(seconds), "parity": parity.get(name)}
+                      "rounds": len(seconds), "round_ms": [t * 1e3 for t in seconds], "parity": parity.get(name)}
     rows["padded-eager"]["computed_tokens"] = n * longest
     return {
         "model": {k: getattr(config, k) for k in ("embed_dim", "depth", "num_heads", "patch_size")},
