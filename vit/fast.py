@@ -18,6 +18,8 @@ modules at the same points (same masks for the same seed; drop-path's per-sample
 commutes with LayerScale); where a fused op cannot honour the configuration (attention
 dropout in training, an activation no op computes) the layer runs the reference code.
 Parameters are read at forward time, so DDP/FSDP and torch.compile see plain modules.
+A list of images (``vit.packing``) runs the same blocks on the pack (1, total, D) with
+``varlen_packed_attention`` in place of ``packed_attention``.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ arguments override the config. Subclasses swap the layer classes (``patch_embed_
 The knobs of timm's ``VisionTransformer`` that the ViT family uses (DINOv2, CLIP, SigLIP,
 DeiT) are config fields with timm's names; the embedding API is timm's
 (``forward_features``, ``forward_head(x, pre_logits=True)``, ``forward_intermediates``).
+``forward`` / ``forward_features`` also take a list of images of different sizes, packed
+into one sequence without padding (``vit.packing``).
 """
 
 from __future__ import annotations

@@ -180,3 +180,10 @@ def test_embed_keep_aspect_equals_each_image_alone(tmp_path):
         with torch.no_grad():
             alone = model.forward_head(model.forward_features([x]), pre_logits=True)[0]
         assert_parity(f"embedding of {rel}", stored[row], alone, rtol=FP32_RTOL)
+    # `fastvit search` prepares queries with the index's recipe: the same packed, aspect-kept path
+    code, out, err = _run(["search", str(root / "1.png"), str(root / "4.png"), "--index", str(out), "--k", "1",
+                           "--device", "cpu"])
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[1].split()[-1] == "1.png" and lines[3].split()[-1] == "4.png"
+    assert float(lines[1].split()[1]) == pytest.approx(1.0, abs=1e-5)
