@@ -72,14 +72,18 @@ def test_list_equals_each_image_alone(family, backend, one_thread):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if _interpreted(b)])
 def test_list_on_the_interpreted_triton_backend(backend, one_thread):
-    """The fast model's varlen attention under the Triton interpreter (a small pack: it is slow)."""
+    """The fast model's varlen attention under the Triton interpreter, forward and backward (a
+    small pack: it is slow)."""
     model = _models("dinov2-reg", fast=True)
     images = _images([(16, 16), (8, 8), (8, 24)])
-    with preferring(backend), torch.no_grad():
-        logits = model(images)
+    with preferring(backend):
+        packed = _grads(model, lambda: model(images).square().sum())
+        logits = model(images).detach()
+    alone = _grads(model, lambda: sum(model(x[None]).square().sum() for x in images))  # auto: cpp / torch
     with torch.no_grad():
-        alone = torch.cat([model(x[None]) for x in images])  # auto: cpp / torch
-    assert_parity("logits", logits, alone, rtol=FP32_RTOL)
+        assert_parity("logits", logits, torch.cat([model(x[None]) for x in images]), rtol=FP32_RTOL)
+    for name in alone:
+        assert_parity(f"grad {name}", packed[name], alone[name], rtol=FP32_RTOL)
 
 
 def test_fast_model_runs_varlen_attention_on_a_list(one_thread):
