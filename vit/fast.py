@@ -18,6 +18,8 @@ modules at the same points (same masks for the same seed; drop-path's per-sample
 commutes with LayerScale); where a fused op cannot honour the configuration (attention
 dropout in training, an activation no op computes) the layer runs the reference code.
 Parameters are read at forward time, so DDP/FSDP and torch.compile see plain modules.
+A list of images (``vit.packing``) runs the same blocks on the pack (1, total, D) with
+``varlen_packed_attention`` in place of ``packed_attention``.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ from fastvit_kernels.reference import default_scale
 
 from . import layers, model
 from .config import ViTConfig
+from .packing import PackLayout
 
 # Every fused op a fast model may call (``ViT.ops()``: those of one model, ``backends()`` reports on them).
 MODEL_OPS = ("patch_embed", "layer_norm", "add_layer_norm", "linear_gelu", "linear", "packed_attention", "attention")
+# ... and on a list of images (``vit.packing``), attention within each image of the pack.
+PACKED_OPS = ("varlen_packed_attention",)
 
 # A config's act_layer -> linear_gelu's ``approximate``.
 APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh", "quick_gelu": "quick"}
@@ -113,6 +118,12 @@ class FastAttention(layers.Attention):
             return super().attend(qkv)  # the fused kernels have no attention dropout
         return fk.packed_attention(qkv, self.num_heads)
 
+    def attend_packed(self, qkv: torch.Tensor, layout: PackLayout) -> torch.Tensor:
+        """A pack's qkv (1, total, 3*D) -> (1, total, D) through the varlen kernel."""
+        if self.training and self.attn_drop > 0:
+            return super().attend_packed(qkv, layout)
+        return fk.varlen_packed_attention(qkv[0], layout.cu_seqlens, layout.max_seqlen, self.num_heads)[None]
+
 
 class FastMlp(layers.Mlp):
     """fc1 + activation (GELU, tanh-GELU or QuickGELU) as one fused ``linear_gelu``, then
@@ -144,11 +155,16 @@ class FastBlock(layers.Block):
     norm_layer = FastLayerNorm
 
     def forward(self, x: torch.Tensor, pending: torch.Tensor | None = None,
-                gamma: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                gamma: torch.Tensor | None = None, layout: PackLayout | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         if pending is None:
             normed = self.norm1(x)
         else:
             normed, x = self.norm1.add_norm(pending, x, gamma)
+        if layout is not None:  # a pack of images (vit.packing): attention and drop-path per image
+            branch = self.drop_path1(self.attn(normed, layout), layout)
+            normed, x = self.norm2.add_norm(branch, x, layer_scale(self.ls1))
+            return x, self.drop_path2(self.mlp(normed), layout)
         branch = self.drop_path1(self.attn(normed))
         normed, x = self.norm2.add_norm(branch, x, layer_scale(self.ls1))
         return x, self.drop_path2(self.mlp(normed))
@@ -175,21 +191,21 @@ class ViT(model.ViT):
     attn_pool_layer = FastAttentionPoolLatent
     linear_layer = FastLinear
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        grid = self.check_images(x)
+    def embed(self, x: torch.Tensor, any_size: bool = False) -> torch.Tensor:
+        grid = self.check_images(x, any_size)
         # Registers and DeiT's distillation token never coexist (the config says so); both
         # follow the class token, which is what the op's reg_tokens are.
         extra = self.reg_token if self.reg_token is not None else self.dist_token
         return self.pos_drop(self.patch_embed(x, self.pos_embed_for(grid), self.cls_token, extra))
 
-    def iter_blocks(self, x: torch.Tensor, blocks=None):
+    def iter_blocks(self, x: torch.Tensor, blocks=None, layout: PackLayout | None = None):
         """Yields each block's output as the unsummed ``(x, branch, gamma)``: the output is
         ``x + gamma * branch`` (``x + branch`` when gamma is None)."""
         pending = gamma = None
         for block in self.blocks if blocks is None else blocks:
             # A checkpoint unit is one block including the add of the branch it receives:
             # the same arithmetic as without checkpointing, so the same gradients.
-            x, pending = self._run_block(block, x, pending, gamma)
+            x, pending = self._run_block(block, x, pending, gamma, layout=layout)
             gamma = layer_scale(block.ls2)
             yield x, pending, gamma
 
@@ -268,4 +284,4 @@ class ViT(model.ViT):
 
 
 __all__ = ["FastAttention", "FastAttentionPoolLatent", "FastBlock", "FastLayerNorm", "FastMlp",
-           "FastLinear", "FastPatchEmbed", "MODEL_OPS", "ViT", "layer_scale"]
+           "FastLinear", "FastPatchEmbed", "MODEL_OPS", "PACKED_OPS", "ViT", "layer_scale"]

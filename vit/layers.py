@@ -12,6 +12,8 @@ from torch import nn
 
 from fastvit_kernels.reference import split_qkv
 
+from .packing import PackLayout, sequence_ids
+
 
 class QuickGELU(nn.Module):
     """CLIP's activation ``x * sigmoid(1.702 x)``."""
@@ -83,8 +85,15 @@ class Attention(nn.Module):
         self.proj = self.linear_layer(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: PackLayout | None = None) -> torch.Tensor:
+        if layout is not None:
+            return self.proj_drop(self.proj(self.attend_packed(self.qkv(x), layout)))
         return self.proj_drop(self.proj(self.attend(self.qkv(x))))
+
+    def attend_packed(self, qkv: torch.Tensor, layout: PackLayout) -> torch.Tensor:
+        """A pack's qkv (1, total, 3*D) -> (1, total, D), each image attending to itself only:
+        ``attend`` per image."""
+        return torch.cat([self.attend(part) for part in torch.split(qkv, layout.lengths, dim=1)], dim=1)
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """The qkv Linear's output (B, N, 3*D), laid out (B, N, 3, H, d) -> (B, N, D)."""
@@ -111,11 +120,15 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
-def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero whole samples of a residual branch, rescale the kept ones."""
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool, layout: PackLayout | None = None) -> torch.Tensor:
+    """Stochastic depth: zero whole samples of a residual branch, rescale the kept ones.
+    In a pack (``layout``; x is (1, total, D)) the samples are the images."""
     if drop_prob == 0.0 or not training:
         return x
     keep = 1.0 - drop_prob
+    if layout is not None:
+        mask = x.new_empty(len(layout)).bernoulli_(keep)[sequence_ids(layout, x.device)]
+        return x * mask[None, :, None] / keep
     mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
     return x * mask / keep
 
@@ -125,8 +138,8 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.drop_prob, self.training)
+    def forward(self, x: torch.Tensor, layout: PackLayout | None = None) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training, layout)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
@@ -156,7 +169,11 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: PackLayout | None = None) -> torch.Tensor:
+        """``layout``: x is a pack (1, total, D) of several images (``vit.packing``)."""
+        if layout is not None:
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), layout)), layout)
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), layout)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 

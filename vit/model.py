@@ -7,6 +7,8 @@ arguments override the config. Subclasses swap the layer classes (``patch_embed_
 The knobs of timm's ``VisionTransformer`` that the ViT family uses (DINOv2, CLIP, SigLIP,
 DeiT) are config fields with timm's names; the embedding API is timm's
 (``forward_features``, ``forward_head(x, pre_logits=True)``, ``forward_intermediates``).
+``forward`` / ``forward_features`` also take a list of images of different sizes, packed
+into one sequence without padding (``vit.packing``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ViTConfig
 from .layers import AttentionPoolLatent, Block, PatchEmbed
+from .packing import PackedTokens, PackLayout, PosEmbedCache, check_image_list, pack_images
 from .weights import resample_pos_embed
 
 
@@ -59,6 +62,7 @@ class ViT(nn.Module):
         self.num_prefix_tokens = cfg.num_prefix_tokens
         self.grad_checkpointing = False
         self.distilled_training = False  # DeiT: forward returns both heads' logits in training
+        self._pos_embed_cache = PosEmbedCache()  # resampled pos_embed per grid, for inference
 
         dim = cfg.embed_dim
         # CLIP's pre-norm models have no patch-embedding bias (timm: bias=not pre_norm).
@@ -128,11 +132,14 @@ class ViT(nn.Module):
         return self.config.embed_dim
 
     # ------------------------------------------------------------------------ forward
-    def check_images(self, x) -> tuple[int, int]:
-        """Validate an image batch; returns its patch grid (rows, cols)."""
+    def check_images(self, x, any_size: bool = False) -> tuple[int, int]:
+        """Validate an image batch; returns its patch grid (rows, cols). ``any_size``: any
+        multiple of the patch size, whatever ``dynamic_img_size`` says (the packed path)."""
         cfg = self.config
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+            hint = " (a list of images goes through forward / forward_features, packed)" \
+                if isinstance(x, (list, tuple)) else ""
+            raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}{hint}")
         if x.dim() != 4:
             raise ValueError(f"images must be (batch, {cfg.in_chans}, height, width), "
                              f"got shape {tuple(x.shape)}")
@@ -145,25 +152,28 @@ class ViT(nn.Module):
         if height % cfg.patch_size or width % cfg.patch_size:
             raise ValueError(f"image size {height}x{width} is not divisible by the patch size "
                              f"{cfg.patch_size}")
-        if not cfg.dynamic_img_size and (height, width) != cfg.img_hw:
+        if not (cfg.dynamic_img_size or any_size) and (height, width) != cfg.img_hw:
             raise ValueError(f"expected image size {cfg.img_hw[0]}x{cfg.img_hw[1]}, got "
                              f"{height}x{width} (build with dynamic_img_size=True for other sizes)")
         return height // cfg.patch_size, width // cfg.patch_size
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
-        """The position embedding for a patch grid, resampled if it is not the config's."""
+        """The position embedding for a patch grid, resampled if it is not the config's
+        (cached per grid with autograd off, see ``packing.PosEmbedCache``)."""
         if tuple(grid) == self.config.grid_size:
             return self.pos_embed
-        return resample_pos_embed(self.pos_embed, grid, self.config.grid_size, self.config.pos_prefix_tokens)
+        cfg = self.config
+        return self._pos_embed_cache.get(self.pos_embed, grid, lambda: resample_pos_embed(
+            self.pos_embed, grid, cfg.grid_size, cfg.pos_prefix_tokens))
 
     def prefix_tokens(self) -> list[torch.Tensor]:
         """The learned tokens put before the patches, in order: class, registers, distillation."""
         return [t for t in (self.cls_token, self.reg_token, self.dist_token) if t is not None]
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, any_size: bool = False) -> torch.Tensor:
         """Images -> tokens: patch embedding, prefix tokens prepended, position embedding
         added (to the patches only with ``no_embed_class``), dropout."""
-        grid = self.check_images(x)
+        grid = self.check_images(x, any_size)
         x = self.patch_embed(x)
         pos = self.pos_embed_for(grid)
         prefix = [t.expand(x.shape[0], -1, -1) for t in self.prefix_tokens()]
@@ -173,16 +183,24 @@ class ViT(nn.Module):
             x = torch.cat([*prefix, x], dim=1) + pos
         return self.pos_drop(x)
 
-    def _run_block(self, block: nn.Module, *state):
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *state, use_reentrant=False)
-        return block(*state)
+    def embed_packed(self, images) -> PackedTokens:
+        """A list of images (C, H_i, W_i) -> their tokens packed into one sequence (see
+        ``vit.packing``), each with its prefix tokens and its grid's position embedding."""
+        grids = check_image_list(images, self.config.in_chans, self.config.patch_size)
+        return pack_images(images, lambda batch: self.embed(batch, any_size=True), grids, self.num_prefix_tokens)
 
-    def iter_blocks(self, x: torch.Tensor, blocks=None) -> Iterator:
+    def _run_block(self, block: nn.Module, *state, layout: PackLayout | None = None):
+        kwargs = {} if layout is None else {"layout": layout}  # the tensor path calls blocks as before
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *state, use_reentrant=False, **kwargs)
+        return block(*state, **kwargs)
+
+    def iter_blocks(self, x: torch.Tensor, blocks=None, layout: PackLayout | None = None) -> Iterator:
         """Run ``blocks`` (default: all) on tokens ``x``, yielding each block's output
-        (as a state that ``summed`` turns into tokens; here the tokens themselves)."""
+        (as a state that ``summed`` turns into tokens; here the tokens themselves).
+        ``layout``: ``x`` is a pack (1, total, D) of several images (``vit.packing``)."""
         for block in self.blocks if blocks is None else blocks:
-            x = self._run_block(block, x)
+            x = self._run_block(block, x, layout=layout)
             yield x
 
     def summed(self, state) -> torch.Tensor:
@@ -193,17 +211,30 @@ class ViT(nn.Module):
         """The final norm (identity for fc_norm models) of a block's output."""
         return self.norm(self.summed(state))
 
-    def last_block_output(self, x: torch.Tensor):
+    def last_block_output(self, x: torch.Tensor, layout: PackLayout | None = None):
         """Tokens -> the last block's output state (earlier ones are not kept alive)."""
-        return deque(self.iter_blocks(x), maxlen=1)[0]
+        return deque(self.iter_blocks(x, layout=layout), maxlen=1)[0]
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens -> the last block's output."""
         return self.summed(self.last_block_output(x))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> every token after the final norm (B, T, D)."""
+    def forward_features(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | PackedTokens:
+        """Images (B, C, H, W) -> every token after the final norm (B, T, D).
+
+        A list of images (C, H_i, W_i) of any sizes (multiples of the patch size) -> a
+        ``PackedTokens``: every image's tokens packed (1, total, D), each image attending
+        only to itself; ``.split()`` gives them per image, ``forward_head`` pools per image.
+        """
+        if isinstance(x, (list, tuple)):
+            return self.forward_features_packed(x)
         return self.final_norm(self.last_block_output(self.norm_pre(self.embed(x))))
+
+    def forward_features_packed(self, images) -> PackedTokens:
+        """A list of images -> their final tokens, packed (see ``forward_features``)."""
+        packed = self.embed_packed(images)
+        state = self.last_block_output(self.norm_pre(packed.tokens), layout=packed.layout)
+        return packed.with_tokens(self.final_norm(state))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
                               return_prefix_tokens: bool = False, norm: bool = False,
@@ -250,21 +281,30 @@ class ViT(nn.Module):
         return self.forward_intermediates(x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
                                           output_fmt="NCHW" if reshape else "NLC", intermediates_only=True)
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
+    def pool(self, x: torch.Tensor | PackedTokens) -> torch.Tensor:
         """Tokens (B, T, D) -> (B, D): the class token, the mean of the patch tokens, or the
-        MAP head over the patch tokens (the prefix tokens excluded, as timm does)."""
+        MAP head over the patch tokens (the prefix tokens excluded, as timm does). A pack
+        of B images is pooled per image."""
+        if isinstance(x, PackedTokens):
+            if self.attn_pool is not None:
+                return torch.cat([self.attn_pool(p[None]) for p in x.patch_tokens()])
+            if self.config.global_pool == "avg":
+                return torch.stack([p.mean(dim=0) for p in x.patch_tokens()])
+            return x.prefix_tokens()[:, 0]
         if self.attn_pool is not None:
             return self.attn_pool(x[:, self.num_prefix_tokens:])
         if self.config.global_pool == "avg":
             return x[:, self.num_prefix_tokens:].mean(dim=1)
         return x[:, 0]
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        """Tokens (B, T, D) -> logits (B, num_classes), or the pooled embedding (B, D) if
-        ``pre_logits``. Distilled (DeiT): the mean of the class and distillation tokens'
-        embeddings / logits; in training after ``set_distilled_training()``, both logits."""
+    def forward_head(self, x: torch.Tensor | PackedTokens, pre_logits: bool = False):
+        """Tokens (B, T, D), or a pack of B images' tokens -> logits (B, num_classes), or the
+        pooled embedding (B, D) if ``pre_logits``. Distilled (DeiT): the mean of the class and
+        distillation tokens' embeddings / logits; in training after
+        ``set_distilled_training()``, both logits."""
         if self.config.distilled:
-            cls, dist = x[:, 0], x[:, 1]
+            prefix = x.prefix_tokens() if isinstance(x, PackedTokens) else x
+            cls, dist = prefix[:, 0], prefix[:, 1]
             if pre_logits:
                 return (cls + dist) / 2
             cls, dist = self.head(cls), self.head_dist(dist)
@@ -274,7 +314,8 @@ class ViT(nn.Module):
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor | list[torch.Tensor]):
+        """Images (B, C, H, W), or a list of B images (C, H_i, W_i) -> logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
 
 

@@ -10,9 +10,10 @@ What runs, in this order (most valuable first; ``plan.py`` holds the budgets):
 3. ops-B    per-op fwd and fwd+bwd at ViT-B/16 shapes vs what each op replaces (+ issue-15 attention)
 4. e2e-B    ViT-B/16 img/s: fast vs eager vs torch.compile(reference) vs Hugging Face, parity first
 5. compile  one fullgraph torch.compile of the fast model (inductor), compared by value to eager
-6. ops-L    per-op at ViT-L/16 shapes
-7. e2e-L    ViT-L/16 img/s (no torch.compile: its compile costs minutes)
-8. autotune the autotuners' chosen config per kernel and key
+6. varlen   64 mixed-size images (issue 20): packed varlen vs padded with a mask vs resize-to-224
+7. ops-L    per-op at ViT-L/16 shapes
+8. e2e-L    ViT-L/16 img/s (no torch.compile: its compile costs minutes)
+9. autotune the autotuners' chosen config per kernel and key
 
 Each section runs under its own budget and the global deadline; one that does not fit, or
 overruns, is recorded as skipped or timed out, never dropped. Everything lands in DIR:

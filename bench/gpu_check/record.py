@@ -90,6 +90,19 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + [""]
 
 
+def varlen_table(result: dict) -> list[str]:
+    """The mixed-size batch (``varlen.run``'s result) as markdown rows: one per path."""
+    rows = result["results"]
+    base = rows["packed"]["img_per_s"]
+    lines = ["| path | ms / batch | img/s | tokens/s | packed speedup vs it | parity |", "|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        parity = row.get("parity")
+        check = "-" if parity is None else f"{'ok' if parity['ok'] else 'FAILED'} {parity['max_diff']:.1e}"
+        lines.append(f"| {name} | {row['median_ms']:.1f} | {row['img_per_s']:.1f} | {row['tokens_per_s']:.0f} | "
+                     f"{base / row['img_per_s']:.2f} | {check} |")
+    return lines
+
+
 def summary(results: dict) -> str:
     """The markdown summary of whatever ``results`` holds so far."""
     env = results.get("env", {})
@@ -141,6 +154,12 @@ def summary(results: dict) -> str:
                  (r.get("parity") or "")[:60] + " " + (r.get("reason") or "")[:100]] for r in e2e]
         lines += _table(["model", "mode", "batch", "provider", "status", "img/s", "peak MiB", "MFU",
                          "fast speedup vs it", "parity / note"], rows)
+    mixed = results.get("varlen") or {}
+    if mixed.get("results"):
+        lines += [f"## Mixed-size batch (issue 20): {mixed['images']} images, sides {mixed['sides_px'][0]}-"
+                  f"{mixed['sides_px'][1]} px, {mixed['dtype']}; tokens real {mixed['real_tokens']}, padded "
+                  f"{mixed['padded_tokens']}, resized to {mixed['resize_hw']} {mixed['resize_tokens']}", ""]
+        lines += varlen_table(mixed) + ["", mixed["caveat"], ""]
     tuned = results.get("autotune", [])
     if tuned:
         lines += ["## Autotuner choices", ""]

@@ -8,7 +8,7 @@ import torch
 
 from vit.config import get_config
 
-from . import checks, e2e, ops
+from . import checks, e2e, ops, varlen
 from .plan import H200_BF16_DENSE_TFLOPS, Deadline
 
 # GPU shapes (bf16): ViT-B/16 and ViT-L/16, forwards at batch 256 and forward + backward at 128
@@ -134,10 +134,27 @@ def compile_check(ctx: Context) -> str:
     return note if result["ok"] else f"FAILED {note} {result['detail']}"
 
 
+def varlen_batch(ctx: Context) -> str:
+    """Issue 20: a mixed-size batch packed (varlen) vs padded with a mask vs resized to 224."""
+    if ctx.smoke:  # the interpreter: a tiny model and three small images, one round
+        config = get_config("vit_tiny_patch16_224", **TINY_MODEL)
+        shape = dict(n=3, lo=16, hi=48, rounds=1, warmup=0)
+    else:
+        config = get_config("vit_base_patch16_224")
+        shape = dict(n=64, lo=128, hi=384, rounds=10, warmup=2)
+    result = varlen.run(config, device=ctx.device, dtype=ctx.dtype, **shape)
+    ctx.rec.results["varlen"] = result
+    ctx.rec.save()
+    rows = result["results"]
+    bad = [n for n, r in rows.items() if r["parity"] is not None and not r["parity"]["ok"]]
+    note = ", ".join(f"{n} {r['img_per_s']:.0f} img/s" for n, r in rows.items())
+    return f"FAILED parity {', '.join(bad)}; {note}" if bad else note
+
+
 def autotune(ctx: Context) -> str:
     ctx.rec.results["autotune"] = checks.autotune_choices()
     return f"{len(ctx.rec.results['autotune'])} kernel/key rows"
 
 
 SECTION_FUNCS = {"env": env, "tests": tests, "ops-B": ops_b, "e2e-B": e2e_b, "compile": compile_check,
-                 "ops-L": ops_l, "e2e-L": e2e_l, "autotune": autotune}
+                 "varlen": varlen_batch, "ops-L": ops_l, "e2e-L": e2e_l, "autotune": autotune}

@@ -71,12 +71,34 @@ def _predict_parser(sub) -> None:
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    _keep_aspect_options(p)
     p.set_defaults(func=_predict)
+
+
+def _keep_aspect_options(p) -> None:
+    p.add_argument("--keep-aspect", action="store_true",
+                   help="keep each image's aspect ratio: resize it to at most --max-patches patches "
+                        "(no crop) and run each batch as one packed list of sizes (no padding)")
+    p.add_argument("--max-patches", type=int, metavar="N",
+                   help="with --keep-aspect: patches per image at most (default: the model's own grid, "
+                        "e.g. 196 for 224 px and patch 16)")
+
+
+def _check_keep_aspect(args, stderr) -> bool:
+    if args.max_patches is not None and not args.keep_aspect:
+        print("error: --max-patches needs --keep-aspect", file=stderr)
+        return False
+    if args.max_patches is not None and args.max_patches <= 0:
+        print(f"error: --max-patches must be a positive integer, got {args.max_patches}", file=stderr)
+        return False
+    return True
 
 
 def _predict(args, stdout, stderr) -> int:
     from . import predict
 
+    if not _check_keep_aspect(args, stderr):
+        return 2
     for name in ("topk", "batch_size"):
         if getattr(args, name) <= 0:
             print(f"error: --{name.replace('_', '-')} must be a positive integer, "
@@ -126,6 +148,7 @@ def _embed_parser(sub) -> None:
                    help="the fast model vit.fast.ViT (default) or the reference (--no-fast)")
     p.add_argument("--progress", choices=MODES, default="auto",
                    help="progress display (auto: a bar on a terminal, a final line otherwise)")
+    _keep_aspect_options(p)
     p.set_defaults(func=_embed)
 
 
@@ -133,6 +156,8 @@ def _embed(args, stdout, stderr) -> int:
     from . import embed
 
     if not _positive("embed", args, stderr, "batch_size", "chunk_size", "workers", zero_ok=("workers",)):
+        return 2
+    if not _check_keep_aspect(args, stderr):
         return 2
     return embed.main_embed(args, stdout, stderr)
 

@@ -11,7 +11,9 @@ workers with the checkpoint's recipe (``preprocess.for_checkpoint``, as ``fastvi
 CUDA runs under autocast (bf16 unless ``--amp`` says otherwise). Rows are keyed by the path
 relative to the folder: a rerun embeds only what the output lacks. Under torchrun each rank
 embeds a contiguous shard of what is left and rank 0 merges. The file format and the
-chunked, resumable writing are in ``vit.tools.embed_index``.
+chunked, resumable writing are in ``vit.tools.embed_index``. With ``--keep-aspect`` each image
+keeps its aspect ratio (at most ``--max-patches`` patches) and a batch goes through the model as
+one list (``vit.packing``: packed, no padding).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import torch
 from . import embed_index as store
 from .data import IMAGE_EXTENSIONS
 from .device import resolve_device
-from .preprocess import ImageLoadError, Preprocess, for_checkpoint, load_image, require_pillow
+from .predict import default_max_patches
+from .preprocess import ImageLoadError, Preprocess, for_checkpoint, keep_aspect, load_image, require_pillow
 from .progress import Progress
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -136,18 +139,23 @@ def collate(items):
 def embed_files(model, files: list[str], preprocess: Preprocess, *, batch_size: int = 64, workers: int = 0,
                 amp: torch.dtype | None = None) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]:
     """Per batch of ``files``, in order: (positions of the embedded files, their embeddings
-    (n, D) float32 on the CPU, [(position, why)] of the files that could not be used)."""
+    (n, D) float32 on the CPU, [(position, why)] of the files that could not be used).
+    A recipe with ``max_patches`` (``--keep-aspect``) runs each batch as one list of sizes."""
     cfg = model.config
     device = next(model.parameters()).device
-    dataset = ImageFiles(files, preprocess, cfg.in_chans, None if cfg.dynamic_img_size else cfg.img_hw)
+    packed = preprocess.max_patches is not None
+    dataset = ImageFiles(files, preprocess, cfg.in_chans, None if cfg.dynamic_img_size or packed else cfg.img_hw)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                                          pin_memory=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     for groups, failed in loader:
         positions, rows = [], []
+        if packed and groups:  # one list of every size: no padding, one pass
+            groups = [([i for p, _ in groups for i in p], [x.to(device, non_blocking=True)
+                                                         for _, xs in groups for x in xs])]
         for group_positions, images in groups:
             with torch.inference_mode(), autocast:
-                tokens = model.forward_features(images.to(device, non_blocking=True))
+                tokens = model.forward_features(images if packed else images.to(device, non_blocking=True))
                 pooled = model.forward_head(tokens, pre_logits=True)
             positions += group_positions
             rows.append(pooled.float().cpu())
@@ -226,6 +234,9 @@ def main_embed(args, stdout, stderr) -> int:
     try:
         files = list_images(root)
         model, preprocess = load_encoder(args.pretrained, model_name=args.model, fast=args.fast, device=device)
+        if args.keep_aspect:
+            preprocess = keep_aspect(preprocess, model.config.patch_size,
+                                     args.max_patches or default_max_patches(model))
         dim = embedding_dim(model)
     except (OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
         say(f"error: cannot load {args.pretrained}: {exc}", file=stderr)

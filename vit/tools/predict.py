@@ -3,7 +3,9 @@
 The checkpoint brings its preprocessing (``vit.tools.preprocess.for_checkpoint``) and its class
 names (a Hugging Face config's ``id2label``, or ``id2label`` in our safetensors metadata;
 else the class indices). Files are read and classified in batches; a file that cannot
-be read is reported and the others go on.
+be read is reported and the others go on. With ``--keep-aspect`` each image keeps its aspect
+ratio (at most ``--max-patches`` patches) and a batch goes through the model as a list
+(``vit.packing``: packed, no padding).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from vit import weights
 
 from .device import resolve_device
-from .preprocess import ImageLoadError, Preprocess, for_checkpoint, load_image, require_pillow
+from .preprocess import ImageLoadError, Preprocess, for_checkpoint, keep_aspect, load_image, require_pillow
 
 
 @dataclass
@@ -69,6 +71,12 @@ def load_classifier(pretrained, *, fast: bool = False, model_name: str | None = 
     return model, recipe, load_labels(path, model.config.num_classes)
 
 
+def default_max_patches(model) -> int:
+    """``--keep-aspect``'s default budget: the patches of the model's own image size."""
+    rows, cols = model.config.grid_size
+    return rows * cols
+
+
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -76,13 +84,16 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 def predict(paths: Iterable, model: torch.nn.Module, preprocess: Preprocess, labels: list[str], *,
             batch_size: int = 16, topk: int = 5) -> Iterator[Prediction]:
-    """One Prediction per path, in order; unreadable files carry ``error`` instead."""
+    """One Prediction per path, in order; unreadable files carry ``error`` instead. A recipe with
+    ``max_patches`` (``preprocess.keep_aspect``) gives images of their own sizes: each batch
+    goes through the model as a list."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
         raise ValueError(f"topk must be a positive integer, got {topk!r}")
     device = next(model.parameters()).device
     expected = model.config.img_hw
+    packed = preprocess.max_patches is not None
     k = min(topk, len(labels))
     for chunk in _chunks([str(p) for p in paths], batch_size):
         results = [Prediction(p) for p in chunk]
@@ -100,7 +111,7 @@ def predict(paths: Iterable, model: torch.nn.Module, preprocess: Preprocess, lab
                 result.error = (f"preprocessing gave {tensor.shape[0]} channel(s), the model expects "
                                 f"in_chans={model.config.in_chans}")
                 continue
-            if tuple(tensor.shape[-2:]) != expected and not model.config.dynamic_img_size:
+            if tuple(tensor.shape[-2:]) != expected and not (model.config.dynamic_img_size or packed):
                 result.error = (f"preprocessing gave a {tensor.shape[-2]}x{tensor.shape[-1]} image, "
                                 f"the model expects {expected[0]}x{expected[1]}")
                 continue
@@ -108,7 +119,8 @@ def predict(paths: Iterable, model: torch.nn.Module, preprocess: Preprocess, lab
             ok.append(result)
         if tensors:
             with torch.inference_mode():
-                probs = model(torch.stack(tensors).to(device)).float().softmax(dim=-1)
+                images = [t.to(device) for t in tensors] if packed else torch.stack(tensors).to(device)
+                probs = model(images).float().softmax(dim=-1)
             values, indices = probs.topk(k, dim=-1)
             for result, vals, idxs in zip(ok, values.tolist(), indices.tolist()):
                 result.top = [(i, labels[i], v) for i, v in zip(idxs, vals)]
@@ -141,6 +153,8 @@ def main(args, stdout, stderr) -> int:
     except (OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
         print(f"error: cannot load {args.pretrained}: {exc}", file=stderr)
         return 2
+    if args.keep_aspect:
+        preprocess = keep_aspect(preprocess, model.config.patch_size, args.max_patches or default_max_patches(model))
     failures = 0
     for prediction in predict(args.images, model, preprocess, labels, batch_size=args.batch_size,
                               topk=args.topk):

@@ -13,6 +13,7 @@ during training exactly as ``fastvit predict`` will feed it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -46,6 +47,22 @@ def require_pillow(purpose: str = "reading images"):
     return PIL
 
 
+def aspect_size(height: int, width: int, patch_size: int, max_patches: int) -> tuple[int, int]:
+    """The largest (h, w), multiples of ``patch_size``, of about the aspect ratio of a
+    ``height`` x ``width`` image whose patch grid has at most ``max_patches`` patches (like
+    NaFlex's ``max_seq_len``): the image is scaled up or down to fill the budget; each side
+    is rounded down to whole patches (at least one), so the aspect changes by under a patch."""
+    for name, value in (("patch_size", patch_size), ("max_patches", max_patches), ("height", height),
+                        ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    per_pixel = math.sqrt(max_patches / (height * width))  # patches per pixel along a side
+    # (the 1e-9: 100 * sqrt(196 / 40000) is 6.999...; the budget is enforced by the min())
+    rows = max(1, min(max_patches, math.floor(height * per_pixel + 1e-9)))
+    cols = max(1, min(max_patches // rows, math.floor(width * per_pixel + 1e-9)))
+    return rows * patch_size, cols * patch_size
+
+
 def _pair(name: str, value) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
@@ -62,7 +79,11 @@ class Preprocess:
     multiplied by ``rescale`` and, with ``normalize``, standardized by mean and std.
     Three mean/std values give RGB images, one value gray ("L") images. ``crop_offset``:
     where an odd margin puts the crop, "round" (timm / torchvision: round((H - h) / 2)) or
-    "floor" (transformers: (H - h) // 2)."""
+    "floor" (transformers: (H - h) // 2).
+
+    ``max_patches`` (with ``patch_size``) is the aspect-preserving variant for mixed-size
+    batches (``keep_aspect``): each image is resized to ``aspect_size``, its own size
+    within a budget of patches, instead of resize + crop."""
 
     resize: int | tuple[int, int] | None
     crop: tuple[int, int] | None
@@ -72,8 +93,18 @@ class Preprocess:
     rescale: float = 1 / 255
     normalize: bool = True
     crop_offset: str = "round"
+    max_patches: int | None = None
+    patch_size: int | None = None
 
     def __post_init__(self):
+        if (self.max_patches is None) != (self.patch_size is None):
+            raise ValueError(f"max_patches and patch_size go together, got max_patches={self.max_patches!r}, "
+                             f"patch_size={self.patch_size!r}")
+        if self.max_patches is not None:
+            aspect_size(1, 1, self.patch_size, self.max_patches)  # validates both
+            if self.resize is not None or self.crop is not None:
+                raise ValueError(f"max_patches sizes each image itself: resize and crop must be None, got "
+                                 f"resize={self.resize!r}, crop={self.crop!r}")
         if self.resize is not None and not isinstance(self.resize, int):
             object.__setattr__(self, "resize", _pair("resize", self.resize))
         elif isinstance(self.resize, bool) or (isinstance(self.resize, int) and self.resize <= 0):
@@ -107,6 +138,8 @@ class Preprocess:
         return self._resized(height, width)
 
     def _resized(self, height: int, width: int) -> tuple[int, int]:
+        if self.max_patches is not None:
+            return aspect_size(height, width, self.patch_size, self.max_patches)
         if self.resize is None:
             return height, width
         if isinstance(self.resize, tuple):
@@ -153,6 +186,12 @@ def default_preprocess(img_hw, crop_pct: float = DEFAULT_CROP_PCT, in_chans: int
     if in_chans == 1:
         return Preprocess(resize=resize, crop=(height, width), mean=GRAY_MEAN, std=GRAY_STD)
     return Preprocess(resize=resize, crop=(height, width))
+
+
+def keep_aspect(recipe: Preprocess, patch_size: int, max_patches: int) -> Preprocess:
+    """``recipe`` (its interpolation, rescale and normalization) with each image resized to its
+    own aspect-preserving size of at most ``max_patches`` patches, no crop (``aspect_size``)."""
+    return dataclasses.replace(recipe, resize=None, crop=None, max_patches=max_patches, patch_size=patch_size)
 
 
 # Processors whose bare-int ``size`` (legacy configs, e.g. OpenAI's CLIP: "size": 224) is the
