@@ -8,6 +8,7 @@ policy is described in ARCHITECTURE.md ("Numerics").
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch.amp.autocast_mode import is_autocast_available
@@ -286,8 +287,9 @@ def packed_attention(qkv, num_heads: int, scale: float | None = None):
 # ------------------------------------------------------------------- variable-length ops
 def _check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) -> None:
     """cu_seqlens: (n_seq + 1,) int32 on ``device``, 0 first, non-decreasing, ``total`` last;
-    max_seqlen: an int at least the longest sequence. The values are read once on the host
-    (a device sync); under torch.compile they are not read."""
+    max_seqlen: an int at least the longest sequence. The values are read on the host (a
+    device sync), once per tensor: a model's blocks pass the same one, unchanged (its version
+    counter tells), and are not checked again. Under torch.compile they are not read."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -301,6 +303,9 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) 
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
     if torch.compiler.is_compiling():
         return
+    key = (cu_seqlens._version, total, max_seqlen)
+    if _validated[0] is not None and _validated[0]() is cu_seqlens and _validated[1] == key:
+        return  # the same pack again (every block of a model): no second device sync
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
@@ -314,6 +319,11 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) 
     if max(lengths) > max_seqlen:
         raise ValueError(f"max_seqlen must be at least the longest sequence's length {max(lengths)}, "
                          f"got {max_seqlen}")
+    _validated[:] = [weakref.ref(cu_seqlens), key]
+
+
+# The cu_seqlens last found valid (a weak reference) with its version, total and max_seqlen.
+_validated: list = [None, None]
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float | None = None):

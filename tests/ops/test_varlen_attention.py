@@ -225,3 +225,24 @@ def test_torch_compile_fullgraph(device):
         expected = torch.autograd.grad(step(qkv), qkv)[0]
         got = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(qkv), qkv)[0]
     torch.testing.assert_close(got, expected)
+
+
+def test_cu_seqlens_values_are_read_once_per_tensor(monkeypatch):
+    """A model's blocks pass one cu_seqlens: its values (a device sync on a GPU) are read
+    once; a changed tensor (in place: new version) is read, and rejected, again."""
+    from fastvit_kernels import functional
+
+    q = torch.randn(10, 2, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or real(t))
+    monkeypatch.setattr(functional, "_run", lambda *args: None)  # the checks only, no backend
+    for _ in range(3):
+        fk.varlen_attention(q, q, q, cu, 6)
+    assert sum(t is cu for t in reads) == 1
+    fk.varlen_attention(q, q, q, cu, 10)  # another max_seqlen: checked again
+    assert sum(t is cu for t in reads) == 2
+    cu[1] = 7  # same tensor, new contents: checked again, and now too long for max_seqlen 6
+    with pytest.raises(ValueError, match="max_seqlen must be at least the longest sequence's length 7"):
+        fk.varlen_attention(q, q, q, cu, 6)
