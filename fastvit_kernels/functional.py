@@ -289,7 +289,8 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) 
     """cu_seqlens: (n_seq + 1,) int32 on ``device``, 0 first, non-decreasing, ``total`` last;
     max_seqlen: an int at least the longest sequence. The values are read on the host (a
     device sync), once per tensor: a model's blocks pass the same one, unchanged (its version
-    counter tells), and are not checked again. Under torch.compile they are not read."""
+    counter tells), and are not checked again; an inference tensor (no version counter) is
+    read every time. Under torch.compile they are not read."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -303,8 +304,9 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) 
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
     if torch.compiler.is_compiling():
         return
-    key = (cu_seqlens._version, total, max_seqlen)
-    if _validated[0] is not None and _validated[0]() is cu_seqlens and _validated[1] == key:
+    # Inference tensors keep no version counter (they may change unseen): read every time.
+    key = None if cu_seqlens.is_inference() else (cu_seqlens._version, total, max_seqlen)
+    if key is not None and _validated[0] is not None and _validated[0]() is cu_seqlens and _validated[1] == key:
         return  # the same pack again (every block of a model): no second device sync
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
@@ -319,7 +321,8 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) 
     if max(lengths) > max_seqlen:
         raise ValueError(f"max_seqlen must be at least the longest sequence's length {max(lengths)}, "
                          f"got {max_seqlen}")
-    _validated[:] = [weakref.ref(cu_seqlens), key]
+    if key is not None:
+        _validated[:] = [weakref.ref(cu_seqlens), key]
 
 
 # The cu_seqlens last found valid (a weak reference) with its version, total and max_seqlen.

@@ -121,9 +121,11 @@ def pack_images(images: Sequence[torch.Tensor], embed: Callable[[torch.Tensor], 
             pieces[i] = tokens
     layout_lengths = [rows * cols + num_prefix_tokens for rows, cols in grids]
     device = images[0].device
-    cu_seqlens = torch.zeros(len(images) + 1, dtype=torch.int32)
-    cu_seqlens[1:] = torch.tensor(layout_lengths).cumsum(0)
-    layout = PackLayout(tuple(grids), num_prefix_tokens, cu_seqlens.to(device), max(layout_lengths))
+    # A normal tensor even under inference_mode: its version counter lets the attention op
+    # check its values once per pack instead of once per block (a device sync each on a GPU).
+    with torch.inference_mode(False):
+        offsets = torch.tensor([0, *layout_lengths]).cumsum(0).to(device=device, dtype=torch.int32)
+    layout = PackLayout(tuple(grids), num_prefix_tokens, offsets, max(layout_lengths))
     return PackedTokens(torch.cat(pieces)[None], layout)
 
 

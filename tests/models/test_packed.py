@@ -250,3 +250,24 @@ def test_pos_embed_cache_bounded_and_copied_empty():
             cache.get(pos, grid, lambda: torch.zeros(1))
     assert len(cache) == 2
     assert len(copy.deepcopy(cache)) == 0
+
+
+def test_pack_offsets_are_checked_once_per_pack_under_inference_mode(monkeypatch):
+    """The pack's cu_seqlens is a normal tensor even under inference_mode, so the attention
+    op reads its values (a device sync on a GPU) once per forward, not once per block."""
+    import fastvit_kernels as fk
+    from fastvit_kernels import functional
+
+    fast = FastViT(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=3).eval()
+    checked = []
+    real = functional._check_cu_seqlens
+    monkeypatch.setattr(functional, "_check_cu_seqlens",
+                        lambda cu, *a: checked.append(cu.is_inference()) or real(cu, *a))
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.dtype) or real_tolist(t))
+    with torch.inference_mode(), fk.backend("torch"):
+        fast([torch.randn(3, 16, 32), torch.randn(3, 32, 8)])
+    assert len(checked) == 3 and not any(checked)  # one call per block, none an inference tensor
+    # the op reads the offsets once; the torch backend's per-sequence loop reads them per block
+    assert reads.count(torch.int32) == 1 + 3

@@ -246,3 +246,8 @@ def test_cu_seqlens_values_are_read_once_per_tensor(monkeypatch):
     cu[1] = 7  # same tensor, new contents: checked again, and now too long for max_seqlen 6
     with pytest.raises(ValueError, match="max_seqlen must be at least the longest sequence's length 7"):
         fk.varlen_attention(q, q, q, cu, 6)
+    with torch.inference_mode():  # an inference tensor has no version counter: read every call
+        inference_cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+        for _ in range(2):
+            fk.varlen_attention(q, q, q, inference_cu, 6)
+    assert sum(t is inference_cu for t in reads) == 2
