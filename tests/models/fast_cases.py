@@ -143,3 +143,18 @@ def preferring(name: str):
 
     with mock.patch.object(_dispatch, "resolve", resolve):
         yield
+
+
+def dispatched_ops(model, x) -> list[tuple[str, tuple]]:
+    """The (op, args) of every fused op dispatched in one eval forward of ``model`` on ``x``
+    (an image batch, or a list of images)."""
+    calls = []
+    real = _dispatch.dispatch
+
+    def spy(op, device, *args, **kwargs):
+        calls.append((op, args))
+        return real(op, device, *args, **kwargs)
+
+    with mock.patch.object(_dispatch, "dispatch", spy), torch.no_grad():
+        model.eval()(x)
+    return calls

@@ -8,8 +8,6 @@ backend where it takes the call and on torch where it declines the new arguments
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,12 +21,12 @@ from fast_cases import (
     _grads,
     _images,
     _pair,
+    dispatched_ops,
     preferring,
 )
 
 import fastvit_kernels as fk
 import vit
-from fastvit_kernels import _dispatch
 from fastvit_kernels.testing import assert_parity, rand
 from vit.fast import MODEL_OPS
 from vit.fast import ViT as FastViT
@@ -63,26 +61,12 @@ def test_state_dict_identical_and_loads_strict_both_ways(family):
     ref.load_state_dict(fast.state_dict(), strict=True)
 
 
-def _spy(model, x):
-    """The (op, args) of every dispatched fused op in one eval forward."""
-    calls = []
-    real = _dispatch.dispatch
-
-    def spy(op, device, *args, **kwargs):
-        calls.append((op, args))
-        return real(op, device, *args, **kwargs)
-
-    with mock.patch.object(_dispatch, "dispatch", spy), torch.no_grad():
-        model.eval()(x)
-    return calls
-
-
 def test_forward_path_carries_the_knobs_into_the_fused_ops():
     depth = CFG["depth"]
     x = rand(2, 3, 32, 32)
 
     model = FastViT(**CFG, **FAMILIES["dinov2-reg"])
-    calls = _spy(model, x)
+    calls = dispatched_ops(model, x)
     (embed_args,) = [args for op, args in calls if op == "patch_embed"]
     assert embed_args[4] is not None and embed_args[5].shape == (1, 4, CFG["embed_dim"])  # cls, then registers
     assert embed_args[3].shape == (1, 16, CFG["embed_dim"])  # the grid's positions only
@@ -92,21 +76,21 @@ def test_forward_path_carries_the_knobs_into_the_fused_ops():
     blocks = model.blocks
     assert gammas == [blocks[0].ls1.gamma, blocks[0].ls2.gamma, blocks[1].ls1.gamma, blocks[1].ls2.gamma]
 
-    calls = _spy(FastViT(**CFG, **FAMILIES["clip"]), x)
+    calls = dispatched_ops(FastViT(**CFG, **FAMILIES["clip"]), x)
     assert [op for op, _ in calls].count("layer_norm") == 2  # norm_pre, then block 0's norm1
     assert {args[3] for op, args in calls if op == "linear_gelu"} == {"quick"}
     (embed_args,) = [args for op, args in calls if op == "patch_embed"]
     assert embed_args[2] is None  # pre_norm: no patch-embedding bias
 
     model = FastViT(**CFG, **FAMILIES["siglip"])
-    calls = _spy(model, x)
+    calls = dispatched_ops(model, x)
     attention = [args for op, args in calls if op == "attention"]
     assert len(attention) == 1 and attention[0][0].shape == (2, CFG["num_heads"], 1, 32)  # one query
     assert attention[0][1].shape == (2, CFG["num_heads"], 16, 32)  # over the 16 patches
     assert [args[3] for op, args in calls if op == "linear_gelu"] == ["tanh"] * (depth + 1)  # blocks + head
 
     model = FastViT(**CFG, **FAMILIES["deit-distilled"])
-    (embed_args,) = [args for op, args in _spy(model, x) if op == "patch_embed"]
+    (embed_args,) = [args for op, args in dispatched_ops(model, x) if op == "patch_embed"]
     assert torch.equal(embed_args[5], model.dist_token)  # after the class token, with a position
 
 

@@ -8,8 +8,6 @@ matter (fp32 logits and gradients, fp16 autocast, torch.compile).
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 from fast_cases import (
@@ -23,12 +21,12 @@ from fast_cases import (
     _interpreted,
     _lowp_cases,
     _pair,
+    dispatched_ops,
     on_backend,
 )
 
 import fastvit_kernels as fk
 import vit
-from fastvit_kernels import _dispatch
 from fastvit_kernels.testing import assert_parity, rand
 from vit.fast import MODEL_OPS
 from vit.fast import ViT as FastViT
@@ -55,16 +53,7 @@ def test_forward_path_is_the_fused_one():
     """One patch_embed, residual adds fused into the next norm (2 per block, the last one
     into the final norm), one packed attention and one linear_gelu per block, the other
     Linear layers (qkv, proj, fc2; the head) on the linear op."""
-    model = FastViT(**CFG).eval()
-    calls = []
-    real = _dispatch.dispatch
-
-    def spy(op, device, *args, **kwargs):
-        calls.append(op)
-        return real(op, device, *args, **kwargs)
-
-    with mock.patch.object(_dispatch, "dispatch", spy), torch.no_grad():
-        model(rand(2, 3, 32, 32))
+    calls = [op for op, _ in dispatched_ops(FastViT(**CFG), rand(2, 3, 32, 32))]
     depth = CFG["depth"]
     assert calls.count("patch_embed") == 1 and calls[0] == "patch_embed"
     assert calls.count("layer_norm") == 1  # block 0's norm1: nothing to add yet

@@ -5,14 +5,22 @@ model, across the ViT family's knobs; clear errors for bad lists; the pos_embed 
 from __future__ import annotations
 
 import contextlib
-from unittest import mock
 
 import pytest
 import torch
-from fast_cases import BACKENDS, CFG, DEVICE, FAMILIES, NATIVE, _interpreted, _perturbed_reference, preferring
+from fast_cases import (
+    BACKENDS,
+    CFG,
+    DEVICE,
+    FAMILIES,
+    NATIVE,
+    _interpreted,
+    _perturbed_reference,
+    dispatched_ops,
+    preferring,
+)
 
 import vit
-from fastvit_kernels import _dispatch
 from fastvit_kernels.testing import FP32_RTOL, assert_parity, rand
 from vit.fast import ViT as FastViT
 from vit.packing import PackedTokens, PosEmbedCache
@@ -87,16 +95,7 @@ def test_list_on_the_interpreted_triton_backend(backend, one_thread):
 
 
 def test_fast_model_runs_varlen_attention_on_a_list(one_thread):
-    model = _models("vit", fast=True)
-    calls = []
-    real = _dispatch.dispatch
-
-    def spy(op, device, *args, **kwargs):
-        calls.append(op)
-        return real(op, device, *args, **kwargs)
-
-    with mock.patch.object(_dispatch, "dispatch", spy), torch.no_grad():
-        model(_images())
+    calls = [op for op, _ in dispatched_ops(_models("vit", fast=True), _images())]
     assert calls.count("varlen_packed_attention") == CFG["depth"]
     assert "packed_attention" not in calls  # no per-image attention on the pack
     assert calls.count("patch_embed") == 5  # one call per image size (two 32x32 images share one)
