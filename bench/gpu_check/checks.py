@@ -17,7 +17,8 @@ import torch
 # The tests run on the GPU, selected in one place (the op tests may move to tests/ops/).
 # fp32 cases are left out: their ieee dots take minutes to compile per config (issue 14).
 CUDA_TESTS = ["tests/ops/test_layer_norm.py", "tests/ops/test_linear_gelu.py", "tests/ops/test_patch_embed.py",
-              "tests/ops/test_attention.py", "tests/models/test_fast_model.py"]
+              "tests/ops/test_attention.py", "tests/ops/test_linear.py", "tests/ops/test_varlen_attention.py",
+              "tests/models/test_fast_model.py"]
 # The cpp backend's cases too: it would build its C++ extension first (minutes).
 CUDA_TESTS_K = "not fp32 and not float32 and not cpp"
 # --smoke: a few fast interpreter tests that still reach opcheck and the fast model.
