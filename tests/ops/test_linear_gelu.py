@@ -317,3 +317,19 @@ def test_compile_fullgraph(device):
 
     out = assert_compiled_matches_eager("linear_gelu", fn, lin, backend)
     assert out.dtype == dtype
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("approximate", ["none", "tanh", "quick"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gelu_cpp_inference_op_reduced_precision(dtype, approximate, bias):
+    """The inference op in bf16 / fp16 (GELU as oneDNN's GEMM epilogue where oneDNN runs the
+    dtype, else GEMM + the GELU pass): the parity rule against both references."""
+    x, w = rand(3, 197, 200, dtype=dtype), rand(300, 200, dtype=dtype, std=0.1)
+    b = rand(300, dtype=dtype) if bias else None
+    with torch.no_grad(), fk.backend("cpp"):
+        fast = fk.linear_gelu(x, w, b, approximate)
+    assert fast.dtype == dtype and fast.is_contiguous()
+    assert_parity(f"linear_gelu {dtype} {approximate} (no_grad)", fast,
+                  reference.linear_gelu(*upcast(x, w, b), approximate), reference.linear_gelu(x, w, b, approximate))
