@@ -10,6 +10,8 @@
 #include "gemm.h"
 #include "ops.h"
 
+#include <c10/core/GradMode.h>
+
 namespace fastvit {
 namespace {
 
@@ -137,7 +139,8 @@ at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& weight, const std:
   at::Tensor out;
   if (fused_epilogue(x2d, gelu)) {
     const auto act = gelu == Gelu::kTanh ? gemm::Activation::kGeluTanh : gemm::Activation::kGelu;
-    out = gemm::linear(x2d, weight, bias, act);
+    out = c10::GradMode::is_enabled() ? gemm::linear(x2d, weight, bias, act)
+                                      : gemm::linear_inference(x2d, weight, bias, act);
   } else {
     out = at::empty({x2d.size(0), weight.size(0)}, x.options());
     linear_gelu_impl(x2d, weight, bias, out, out, gelu);

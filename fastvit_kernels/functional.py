@@ -132,7 +132,8 @@ def _cached_cast(dtype, t):
                 and alias.dtype == t.dtype and alias.device == t.device and alias.shape == t.shape
                 and alias.stride() == t.stride()):
             return copy
-    copy = t.to(dtype)
+    with torch.inference_mode(False):  # a normal tensor, whose version the cpp backend can check
+        copy = t.to(dtype)
     _cast_cache[t] = (t.detach(), t._version, copy)
     return copy
 
