@@ -8,6 +8,8 @@
 #include "gemm.h"
 #include "ops.h"
 
+#include <c10/core/GradMode.h>
+
 namespace fastvit {
 namespace {
 
@@ -41,7 +43,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   FASTVIT_BELOW_AUTOGRAD;
   check_linear(op, x, weight);
   FASTVIT_CHECK_OPTIONAL(bias, x, weight.size(0));
-  return gemm::linear(as_rows(x), weight, bias).view(with_last(x, weight.size(0)));
+  // Without grad mode (inference) the weight may be prepacked; training keeps the dense GEMM.
+  const at::Tensor out = c10::GradMode::is_enabled() ? gemm::linear(as_rows(x), weight, bias)
+                                                     : gemm::linear_inference(as_rows(x), weight, bias);
+  return out.view(with_last(x, weight.size(0)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(const at::Tensor& grad_out, const at::Tensor& x,

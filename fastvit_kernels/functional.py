@@ -12,6 +12,7 @@ import weakref
 
 import torch
 from torch.amp.autocast_mode import is_autocast_available
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _dispatch
 from .reference import default_scale
@@ -98,6 +99,45 @@ def _cast(dtype, *tensors):
     return tuple(t.to(dtype) if t is not None and t.dtype != dtype else t for t in tensors)
 
 
+# parameter -> (alias, version, copy): the autocast copy of a parameter (a weight, a
+# bias ...), made once instead of on every call, as torch.compile's freezing does. Weakly
+# keyed, so a freed model frees its copies.
+_cast_cache = WeakIdKeyDictionary()
+
+
+def _cast_params(dtype, *tensors):
+    """``_cast`` for parameters: in inference (no grad, outside torch.compile) the cast copy of
+    a plain tensor is kept and reused while the tensor is unchanged; otherwise a fresh cast.
+
+    Never stale: an entry is reused only for the same tensor object, version counter (every
+    in-place update: optimizer steps, ``load_state_dict``, ``copy_``), data pointer, dtype,
+    device and layout. ``alias`` (a detached view of the source) keeps the source's memory
+    alive, so that no other tensor's data can appear at the same address (``module.to()`` and
+    ``.half()``/``.float()`` swap ``param.data`` without a version bump).
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return _cast(dtype, *tensors)
+    return tuple(_cached_cast(dtype, t) for t in tensors)
+
+
+def _cached_cast(dtype, t):
+    if t is None or t.dtype == dtype:
+        return t
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.is_inference():
+        return t.to(dtype)  # inference tensors keep no version counter; subclasses may not be plain data
+    entry = _cast_cache.get(t)
+    if entry is not None:
+        alias, version, copy = entry
+        if (version == t._version and copy.dtype == dtype and alias.data_ptr() == t.data_ptr()
+                and alias.dtype == t.dtype and alias.device == t.device and alias.shape == t.shape
+                and alias.stride() == t.stride()):
+            return copy
+    with torch.inference_mode(False):  # a normal tensor, whose version the cpp backend can check
+        copy = t.to(dtype)
+    _cast_cache[t] = (t.detach(), t._version, copy)
+    return copy
+
+
 def _run(op: str, device: torch.device, autocast_dtype, *args):
     """Dispatch with autocast switched off (``autocast_dtype`` is not None inside
     autocast): the inputs already carry the policy's dtype."""
@@ -157,8 +197,9 @@ def patch_embed(images, weight, bias, pos_embed, cls_token=None, reg_tokens=None
     device = images.device
     cast = _autocast_dtype(device)
     if cast is not None:
-        images, weight, bias, pos_embed, cls_token, reg_tokens = _cast(
-            cast, images, weight, bias, pos_embed, cls_token, reg_tokens)
+        (images,) = _cast(cast, images)
+        weight, bias, pos_embed, cls_token, reg_tokens = _cast_params(
+            cast, weight, bias, pos_embed, cls_token, reg_tokens)
     _check_same("images", images, "weight", weight, "bias", bias, "pos_embed", pos_embed, "cls_token", cls_token,
                 "reg_tokens", reg_tokens)
     return _run("patch_embed", device, cast, images, weight, _contiguous(bias), _contiguous(pos_embed),
@@ -225,7 +266,8 @@ def linear_gelu(x, weight, bias, approximate: str = "none"):
     device = x.device
     cast = _autocast_dtype(device)
     if cast is not None:
-        x, weight, bias = _cast(cast, x, weight, bias)
+        (x,) = _cast(cast, x)
+        weight, bias = _cast_params(cast, weight, bias)
     _check_same("x", x, "weight", weight, "bias", bias)
     return _run("linear_gelu", device, cast, x, weight, _contiguous(bias), approximate)
 
@@ -237,7 +279,8 @@ def linear(x, weight, bias):
     device = x.device
     cast = _autocast_dtype(device)
     if cast is not None:
-        x, weight, bias = _cast(cast, x, weight, bias)
+        (x,) = _cast(cast, x)
+        weight, bias = _cast_params(cast, weight, bias)
     _check_same("x", x, "weight", weight, "bias", bias)
     return _run("linear", device, cast, x, weight, _contiguous(bias))
 

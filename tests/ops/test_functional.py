@@ -205,6 +205,68 @@ def test_autocast_policy_cpu():
         assert fk.attention(q, q, q).dtype == torch.bfloat16
 
 
+def _bf16_linear(x, layer):
+    """What the autocast ``linear`` must return: the product of fresh bf16 casts."""
+    return F.linear(x.bfloat16(), layer.weight.detach().bfloat16(), layer.bias.detach().bfloat16())
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_autocast_parameter_casts_are_cached_and_never_stale(mode):
+    """Inference under autocast casts each parameter once; the copy is dropped when the
+    parameter changes: in-place updates, load_state_dict, .to() / .half().float() (which swap
+    ``param.data`` without a version bump), and assigning ``.data``."""
+    from fastvit_kernels import functional
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    context = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+
+    def run():
+        with context(), fk.backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fk.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(out, _bf16_linear(x, layer), rtol=0, atol=0)
+        return functional._cast_cache[layer.weight][2]
+
+    first = run()
+    assert run() is first  # reused while unchanged
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # in place (an optimizer step)
+    second = run()
+    assert second is not first
+    layer.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.randn(8)})
+    run()
+    layer.half().float()  # new storage, same Parameter object, same version counter
+    run()
+    layer.to(torch.float64).to(torch.float32)
+    run()
+    layer.weight.data = torch.randn(8, 16)
+    run()
+    with torch.no_grad():
+        layer.bias.zero_()  # the bias is cached too
+    run()
+
+
+def test_autocast_parameter_cast_cache_only_without_grad():
+    """With grad enabled (training) nothing is cached; inference tensors are never cached."""
+    from fastvit_kernels import functional
+
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    with fk.backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fk.linear(x, layer.weight, layer.bias)
+        out.sum().backward()
+    assert layer.weight not in functional._cast_cache and layer.weight.grad is not None
+    with torch.inference_mode():
+        w, b = torch.randn(8, 16), torch.randn(8)
+    with torch.inference_mode(), fk.backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+        fk.linear(x, w, b)
+        assert w not in functional._cast_cache
+        w.add_(1.0)  # no version counter to see this by: read fresh every call
+        torch.testing.assert_close(fk.linear(x, w, b), F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()),
+                                   rtol=0, atol=0)
+
+
 def test_reference_ops_registry_complete():
     assert set(reference.OPS) == {"patch_embed", "layer_norm", "add_layer_norm", "linear_gelu",
                                   "attention", "packed_attention", "varlen_attention", "varlen_packed_attention",

@@ -317,3 +317,49 @@ def test_compile_fullgraph(device):
 
     out = assert_compiled_matches_eager("linear_gelu", fn, lin, backend)
     assert out.dtype == dtype
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("approximate", ["none", "tanh", "quick"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gelu_cpp_inference_op_reduced_precision(dtype, approximate, bias):
+    """The inference op in bf16 / fp16 (GELU as oneDNN's GEMM epilogue where oneDNN runs the
+    dtype, else GEMM + the GELU pass): the parity rule against both references."""
+    x, w = rand(3, 197, 200, dtype=dtype), rand(300, 200, dtype=dtype, std=0.1)
+    b = rand(300, dtype=dtype) if bias else None
+    with torch.no_grad(), fk.backend("cpp"):
+        fast = fk.linear_gelu(x, w, b, approximate)
+    assert fast.dtype == dtype and fast.is_contiguous()
+    assert_parity(f"linear_gelu {dtype} {approximate} (no_grad)", fast,
+                  reference.linear_gelu(*upcast(x, w, b), approximate), reference.linear_gelu(x, w, b, approximate))
+
+
+@needs_cpp
+@pytest.mark.parametrize("op", ["linear", "linear_gelu"])
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_cpp_prepacked_bf16_weights_are_never_stale(op, mode):
+    """Inference ops pack a bf16 weight once for oneDNN (where it runs); the packed copy
+    follows the weight: in-place updates, a new storage under the same tensor (``.data =``),
+    and in-place updates of that storage are all seen."""
+    context = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+    x = rand(2, 9, 40, dtype=torch.bfloat16)
+    w, b = rand(24, 40, dtype=torch.bfloat16, std=0.1), rand(24, dtype=torch.bfloat16)
+    fn = getattr(fk, op)
+
+    def expect():  # the same op on a fresh copy of the weight: no packed copy of it yet
+        with context(), fk.backend("cpp"):
+            return fn(x, w.clone(), b)
+
+    def check():
+        with context(), fk.backend("cpp"):
+            torch.testing.assert_close(fn(x, w, b), expect(), rtol=0, atol=0)
+            torch.testing.assert_close(fn(x, w, b), expect(), rtol=0, atol=0)  # from the packed copy
+
+    check()
+    w.mul_(-2.0)
+    check()
+    w.data = rand(24, 40, dtype=torch.bfloat16, std=0.1)
+    check()
+    w[3].zero_()
+    check()
