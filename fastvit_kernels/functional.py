@@ -248,41 +248,39 @@ def add_layer_norm(x, residual, weight, bias, eps: float = 1e-6, gamma=None):
                 _contiguous(gamma))
 
 
-def _check_linear_args(x, weight, bias) -> None:
+def _linear_inputs(x, weight, bias):
+    """A Linear's arguments checked and put under the autocast policy (a matrix product:
+    cast to the autocast dtype, parameters through the inference cast cache); returns
+    (device, autocast dtype or None, x, weight, contiguous bias)."""
     _check_tensor("x", x)
     _check_tensor("weight", weight, 2)
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x's last dimension must equal weight's in_features {weight.shape[1]} "
                          f"(weight {tuple(weight.shape)}), got x of shape {tuple(x.shape)}")
     _check_optional("bias", bias, (weight.shape[0],))
+    device = x.device
+    cast = _autocast_dtype(device)
+    if cast is not None:
+        (x,) = _cast(cast, x)
+        weight, bias = _cast_params(cast, weight, bias)
+    _check_same("x", x, "weight", weight, "bias", bias)
+    return device, cast, x, weight, _contiguous(bias)
 
 
 def linear_gelu(x, weight, bias, approximate: str = "none"):
     """``GELU(x @ weight.T + bias)``: exact erf GELU (``approximate="none"``), its tanh
     approximation (``"tanh"``, SigLIP), or QuickGELU ``h * sigmoid(1.702 h)`` (``"quick"``, CLIP)."""
-    _check_linear_args(x, weight, bias)
     if approximate not in _GELU_APPROXIMATIONS:
         raise ValueError(f"approximate must be one of {_GELU_APPROXIMATIONS}, got {approximate!r}")
-    device = x.device
-    cast = _autocast_dtype(device)
-    if cast is not None:
-        (x,) = _cast(cast, x)
-        weight, bias = _cast_params(cast, weight, bias)
-    _check_same("x", x, "weight", weight, "bias", bias)
-    return _run("linear_gelu", device, cast, x, weight, _contiguous(bias), approximate)
+    device, cast, x, weight, bias = _linear_inputs(x, weight, bias)
+    return _run("linear_gelu", device, cast, x, weight, bias, approximate)
 
 
 def linear(x, weight, bias):
     """``x @ weight.T + bias``, as ``F.linear``: the Linear layers without an activation
     (qkv, proj, fc2, head), so that each backend runs its own GEMM for them."""
-    _check_linear_args(x, weight, bias)
-    device = x.device
-    cast = _autocast_dtype(device)
-    if cast is not None:
-        (x,) = _cast(cast, x)
-        weight, bias = _cast_params(cast, weight, bias)
-    _check_same("x", x, "weight", weight, "bias", bias)
-    return _run("linear", device, cast, x, weight, _contiguous(bias))
+    device, cast, x, weight, bias = _linear_inputs(x, weight, bias)
+    return _run("linear", device, cast, x, weight, bias)
 
 
 def attention(q, k, v, scale: float | None = None):

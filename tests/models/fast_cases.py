@@ -112,6 +112,13 @@ def _grads(model, images, upstream):
     return grads
 
 
+def grads_vs_reference(fast, ref_hi, x, context):
+    """(fast, reference) gradients of every parameter and the images, for one upstream
+    gradient: the fast model run under ``context`` (a backend choice), its fp64 twin on x.double()."""
+    upstream = rand(x.shape[0], CFG["num_classes"], device=DEVICE)
+    with context:
+        got = _grads(fast, x, upstream)
+    return got, _grads(ref_hi, x.double(), upstream.double())
 
 
 # The ViT family (issue 18), at CFG's size: one config per family's knobs.

@@ -22,6 +22,7 @@ from fast_cases import (
     _images,
     _pair,
     dispatched_ops,
+    grads_vs_reference,
     preferring,
 )
 
@@ -126,11 +127,7 @@ def test_logits_and_embeddings_parity_eval(backend, family):
 def test_gradient_parity_every_parameter(backend, family):
     fast, _, ref_hi = _pair(backend, **FAMILIES[family])
     fast.train(), ref_hi.train()  # dropout rates are 0: training mode, deterministic
-    x = _images(fast)
-    upstream = rand(2, CFG["num_classes"], device=DEVICE)
-    with preferring(backend):
-        got = _grads(fast, x, upstream)
-    want = _grads(ref_hi, x.double(), upstream.double())
+    got, want = grads_vs_reference(fast, ref_hi, _images(fast), preferring(backend))
     assert got.keys() == want.keys()
     for name in want:
         assert_parity(f"grad {name}", got[name], want[name], rtol=MODEL_RTOL)
@@ -166,11 +163,7 @@ def test_dinov2_training_step_matches_reference(backend):
 @pytest.mark.parametrize("family", ["dinov2-reg", "deit3", "siglip"])
 def test_dynamic_img_size_other_resolution(backend, family):
     fast, _, ref_hi = _pair(backend, **FAMILIES[family], dynamic_img_size=True)
-    x = _images(fast, hw=(24, 40))
-    upstream = rand(2, CFG["num_classes"], device=DEVICE)
-    with preferring(backend):
-        got = _grads(fast, x, upstream)
-    want = _grads(ref_hi, x.double(), upstream.double())
+    got, want = grads_vs_reference(fast, ref_hi, _images(fast, hw=(24, 40)), preferring(backend))
     for name in ("pos_embed", "patch_embed.proj.weight", "images"):
         assert_parity(f"grad {name}", got[name], want[name], rtol=MODEL_RTOL)
 

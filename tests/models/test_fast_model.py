@@ -22,6 +22,7 @@ from fast_cases import (
     _lowp_cases,
     _pair,
     dispatched_ops,
+    grads_vs_reference,
     on_backend,
 )
 
@@ -130,11 +131,7 @@ def test_logits_parity_eval(backend, pool):
 def test_gradient_parity_every_parameter(backend):
     fast, _, ref_hi = _pair(backend, global_pool="avg")  # avg: every token's grad matters
     fast.train(), ref_hi.train()  # dropout rates are 0: training mode, deterministic
-    x = _images(fast)
-    upstream = rand(2, CFG["num_classes"], device=DEVICE)
-    with on_backend(backend):
-        got = _grads(fast, x, upstream)
-    want = _grads(ref_hi, x.double(), upstream.double())
+    got, want = grads_vs_reference(fast, ref_hi, _images(fast), on_backend(backend))
     assert got.keys() == want.keys()
     for name in want:
         assert_parity(f"grad {name}", got[name], want[name], rtol=MODEL_RTOL)
@@ -145,13 +142,9 @@ def test_dynamic_img_size_other_resolution(backend):
     """A non-square size the model was not built for: the resampled pos-embed is fused."""
     fast, _, ref_hi = _pair(backend, dynamic_img_size=True)
     x = _images(fast, hw=(24, 40))
-    upstream = rand(2, CFG["num_classes"], device=DEVICE)
-    with on_backend(backend):
-        got = _grads(fast, x, upstream)
-        fast.eval()
-        with torch.no_grad():
-            logits = fast(x)
-    want = _grads(ref_hi, x.double(), upstream.double())
+    got, want = grads_vs_reference(fast, ref_hi, x, on_backend(backend))
+    with on_backend(backend), torch.no_grad():
+        logits = fast.eval()(x)
     with torch.no_grad():
         assert_parity("logits", logits, ref_hi.eval()(x.double()), rtol=MODEL_RTOL)
     for name in ("pos_embed", "cls_token", "patch_embed.proj.weight", "images"):
