@@ -140,30 +140,35 @@ class PosEmbedCache:
 
     An entry is valid only for the very ``pos_embed`` it came from: the same Parameter
     object, storage, in-place version, dtype and device (an optimizer step, a
-    ``load_state_dict`` or ``.to()`` invalidates it). Used only with autograd off (no_grad,
-    inference_mode): a result that carries a graph is never kept; nor under ``torch.compile``.
+    ``load_state_dict`` or ``.to()`` invalidates it). The cache keeps a detached alias of the
+    data its entries came from: ``model.half(); model.float()`` swaps ``param.data`` without a
+    version bump, and without the alias the new data can land at the freed old address.
+    Used only with autograd off (no_grad, inference_mode): a result that carries a graph is
+    never kept; nor under ``torch.compile``.
     """
 
     def __init__(self, max_entries: int = 64):
         self.max_entries = max_entries
         self._entries: OrderedDict = OrderedDict()
         self._source = None  # weakref to the pos_embed the entries came from
+        self._alias = None  # its data then, kept alive so that no other data takes its address
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def clear(self) -> None:
         self._entries.clear()
-        self._source = None
+        self._source = self._alias = None
 
     def get(self, pos_embed: torch.Tensor, grid: tuple[int, int],
             compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         if torch.compiler.is_compiling() or torch.is_grad_enabled():
             return compute()
-        if self._source is None or self._source() is not pos_embed:
+        if (self._source is None or self._source() is not pos_embed
+                or self._alias.data_ptr() != pos_embed.data_ptr()):
             self.clear()
-            self._source = weakref.ref(pos_embed)
-        key = (tuple(grid), pos_embed.data_ptr(), pos_embed._version, pos_embed.dtype, pos_embed.device)
+            self._source, self._alias = weakref.ref(pos_embed), pos_embed.detach()
+        key = (tuple(grid), pos_embed._version, pos_embed.dtype, pos_embed.device)
         hit = self._entries.get(key)
         if hit is not None:
             self._entries.move_to_end(key)

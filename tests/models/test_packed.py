@@ -24,6 +24,7 @@ import vit
 from fastvit_kernels.testing import FP32_RTOL, assert_parity, rand
 from vit.fast import ViT as FastViT
 from vit.packing import PackedTokens, PosEmbedCache
+from vit.weights import resample_pos_embed
 
 # Every knob of the family, plus the plain ViT and average pooling.
 KNOBS = {"vit": {}, "avg": dict(global_pool="avg"), **FAMILIES}
@@ -237,6 +238,20 @@ def test_pos_embed_cache_is_reused_and_never_stale():
     with torch.enable_grad():
         a, b = model.pos_embed_for((2, 5)), model.pos_embed_for((2, 5))
     assert a is not b and a.requires_grad
+
+
+def test_pos_embed_cache_sees_half_float_round_trip():
+    """``model.half().float()`` swaps ``param.data`` twice without a version bump; the new fp32
+    data can land at the freed old address (glibc's malloc reuses the block), and the round
+    trip changed the values: an entry keyed by address and version alone would be stale."""
+    model = vit.ViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3,
+                    dynamic_img_size=True).eval()
+    with torch.no_grad():
+        model.pos_embed.normal_()
+        model.pos_embed_for((2, 5))
+        model.half().float()
+        fresh = resample_pos_embed(model.pos_embed, (2, 5), model.config.grid_size, model.config.pos_prefix_tokens)
+        assert torch.equal(model.pos_embed_for((2, 5)), fresh)
 
 
 def test_pos_embed_cache_bounded_and_copied_empty():
