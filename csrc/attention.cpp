@@ -4,8 +4,10 @@
 // keeps a running max and sum (online softmax) so the N x N score matrix never exists,
 // and writes its rows of the output directly. The packed form reads q, k and v straight
 // from the qkv Linear's (B, N, 3, H, d) output and writes (B, N, H*d), so the model needs
-// no permute or reshape copies around it. bf16/fp16 tiles are converted to fp32 once per
-// task and multiplied in fp32, as ATen's own CPU flash attention accumulates.
+// no permute or reshape copies around it. bf16/fp16: where the CPU multiplies them natively
+// (AVX512-BF16, AMX) the forward's products take them as they are, accumulating in fp32
+// (attention_fwd_kernel_vnni); otherwise tiles are converted to fp32 once per task and
+// multiplied in fp32, as ATen's own CPU flash attention accumulates.
 //
 // Backward recomputes the probabilities from the saved log-sum-exp, per (batch, head):
 // dV += P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = dS K scale, dK += dS^T Q scale.
@@ -169,6 +171,75 @@ void attention_fwd_kernel(const Operand<T>& q, const Operand<T>& k, const Operan
   });
 }
 
+// The forward for bf16 / fp16 where the CPU multiplies them natively (blas.h: gemm_vnni):
+// the same flash loop, but the two products take the inputs as they are, with fp32
+// accumulation. Q is read in place; K^T and V are packed into the VNNI layout once per
+// (batch, head) and thread; the probabilities are rounded to T for P V, as ATen's CPU flash
+// attention and the GPU kernels do (the row sums stay fp32, of the unrounded values). d even.
+template <typename T>
+void attention_fwd_kernel_vnni(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v, const Operand<T>& o,
+                               float* lse, const Dims& s, float scale) {
+  const int64_t qb = query_block(s), kb = key_block(s), d = s.d;
+  const int64_t nqb = (s.Nq + qb - 1) / qb, kb2 = kb + kb % 2, nk2 = s.Nk + s.Nk % 2;
+  at::parallel_for(0, s.B * s.H * nqb, 1, [&](int64_t t0, int64_t t1) {
+    FASTVIT_BELOW_AUTOGRAD;
+    std::vector<float> sbuf(qb * kb), obuf(qb * d), m(qb), l(qb);
+    std::vector<T> pbuf(qb * kb2), kpack(d * s.Nk), vpack(nk2 * d);
+    int64_t cached_bh = -1;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t bh = task / nqb, b = bh / s.H, h = bh % s.H;
+      const int64_t i0 = (task % nqb) * qb, rows = std::min(qb, s.Nq - i0);
+      if (cached_bh != bh) {
+        // K^T (d x Nk): element (i, j) = K[j][i]; V (Nk x d) as it is, zero row past Nk when odd.
+        pack_vnni(k.row(b, h, 0), 1, k.sn, d, s.Nk, kpack.data(), s.Nk);
+        pack_vnni(v.row(b, h, 0), v.sn, 1, s.Nk, d, vpack.data(), d);
+        cached_bh = bh;
+      }
+      std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.begin() + rows, 0.f);
+      for (int64_t j0 = 0; j0 < s.Nk; j0 += kb) {
+        const int64_t cols = std::min(kb, s.Nk - j0), cols2 = cols + cols % 2;  // j0 is even: kb is
+        gemm_vnni<T>(rows, cols, d, q.row(b, h, i0), q.sn, kpack.data() + 2 * j0, s.Nk, false, sbuf.data(), kb);
+        for (int64_t i = 0; i < rows; ++i) {
+          float* si = sbuf.data() + i * kb;
+          const float m_new = std::max(m[i], row_max(si, cols) * scale);
+          const float row_sum_p = exp_and_sum(si, cols, scale, m_new);
+          T* pi = pbuf.data() + i * kb2;
+          store_row<T>(si, pi, cols);
+          if (cols2 > cols) pi[cols] = T(0);  // meets the zero row of vpack
+          if (j0 > 0) {
+            const float alpha = std::exp(m[i] - m_new);
+            l[i] = l[i] * alpha + row_sum_p;
+            scale_row(obuf.data() + i * d, d, alpha);
+          } else {
+            l[i] = row_sum_p;
+          }
+          m[i] = m_new;
+        }
+        gemm_vnni<T>(rows, d, cols2, pbuf.data(), kb2, vpack.data() + j0 * d, d, j0 > 0, obuf.data(), d);
+      }
+      float* lse_row = lse + bh * s.Nq + i0;
+      for (int64_t i = 0; i < rows; ++i) {
+        lse_row[i] = m[i] + std::log(l[i]);
+        float* oi = obuf.data() + i * d;
+        scale_row(oi, d, 1.f / l[i]);
+        store_row<T>(oi, o.row(b, h, i0 + i), d);
+      }
+    }
+    gemm_vnni_done();
+  });
+}
+
+// The forward kernel that suits T on this CPU.
+template <typename T>
+void attention_fwd_any(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v, const Operand<T>& o,
+                       acc_t<T>* lse, const Dims& s, acc_t<T> scale) {
+  if constexpr (!std::is_same_v<T, acc_t<T>>) {
+    if (s.d % 2 == 0 && vnni_gemm_available<T>()) return attention_fwd_kernel_vnni<T>(q, k, v, o, lse, s, scale);
+  }
+  attention_fwd_kernel<T>(q, k, v, o, lse, s, scale);
+}
+
 template <typename T>
 void attention_bwd_kernel(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v, const Operand<T>& o,
                           const Operand<T>& dout, const acc_t<T>* lse, const Operand<T>& dq, const Operand<T>& dk,
@@ -286,8 +357,8 @@ at::Tensor run_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at:
       return;
     }
     if (out.numel() == 0) return;
-    attention_fwd_kernel<scalar_t>(operand<scalar_t>(q), operand<scalar_t>(k), operand<scalar_t>(v),
-                                   operand<scalar_t>(out), lse.data_ptr<A>(), s, static_cast<A>(scale));
+    attention_fwd_any<scalar_t>(operand<scalar_t>(q), operand<scalar_t>(k), operand<scalar_t>(v),
+                                operand<scalar_t>(out), lse.data_ptr<A>(), s, static_cast<A>(scale));
   });
   return lse;
 }

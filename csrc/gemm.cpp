@@ -189,15 +189,16 @@ void linear_accumulate_(const at::Tensor& out2d, const at::Tensor& x2d, const at
 
 at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) {
   // a @ b is a Linear with weight b^T (a transposed view, which oneDNN reads as it is).
-  // fp32, ViT-S/16 batch 8 (ratios to at::mm, i.e. MKL's sgemm):
-  //   dX = dY W     1.3-2.0x at 2 threads (wall), 1.09-1.43x at one thread (CPU time);
-  //   dW = dY^T X   1.09-1.66x at 2 threads (wall), 0.87-1.05x at one thread: oneDNN
-  //                 reorders the transposed dY^T that MKL reads in place, which costs more
-  //                 than it gains on one core; taken anyway, as the 2-thread case is the target.
+  // fp32, ViT-S/16 batch 8, 2 threads, quiet machine, best of 3x7, ms summed over the four
+  // Linear shapes (at::mm = MKL's sgemm):
+  //   dX = dY W     oneDNN 25.7 vs at::mm 28.9: oneDNN.
+  //   dW = dY^T X   oneDNN 31.8 vs at::mm 29.1: oneDNN first copies the transposed dY^T into
+  //                 a contiguous tensor (~40 ms of a ~1.5 s training step), which MKL reads in
+  //                 place; an a that is not contiguous goes to at::mm.
   // bf16: at::mm already runs oneDNN's matmul on CPUs with bf16 support, and the inner
   // product measured 0.62-1.02x of it (dW the worst): bf16 stays on at::mm.
   const at::Tensor weight = b.t();
-  if (a.scalar_type() == at::kFloat && usable(a, weight)) {
+  if (a.scalar_type() == at::kFloat && a.is_contiguous() && usable(a, weight)) {
     return call_pointwise(a, weight, std::nullopt, Activation::kNone);
   }
   return at::mm(a, b);

@@ -1,8 +1,8 @@
 // Linear: x @ weight.T + bias, the GEMM of gemm.h with the bias in its epilogue.
 //
-// Backward: dx = dy @ weight and dweight = dy^T @ x through the same GEMM library (oneDNN
-// where it runs: 1.3-2x at::mm's MKL on the AMD CPUs measured), dbias the column sums of dy;
-// each computed only when asked for.
+// Backward: dx = dy @ weight and dweight = dy^T @ x through gemm::matmul (oneDNN or MKL,
+// whichever measured faster for the operand layout), dbias the column sums of dy; each
+// computed only when asked for.
 #include "checks.h"
 #include "common.h"
 #include "gemm.h"

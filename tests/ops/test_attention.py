@@ -238,12 +238,65 @@ def test_attention_cpp_strided_views_cross_and_scale():
 
 
 @needs_cpp
+@pytest.mark.parametrize("n_keys", [1100, 1101])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_cpp_many_keys_uses_online_softmax(dtype):
-    # more keys than one key block (1024): the running max/sum rescaling path
+def test_attention_cpp_many_keys_uses_online_softmax(dtype, n_keys):
+    # more keys than one key block (1024): the running max/sum rescaling path; 1101 leaves an
+    # odd last block, which bf16's paired (VNNI) layout pads with a zero key
     q = _leaf(1, 1, 16, 32, dtype=dtype, std=2.0)
-    k, v = _leaf(1, 1, 1100, 32, dtype=dtype, std=2.0), _leaf(1, 1, 1100, 32, dtype=dtype)
+    k, v = _leaf(1, 1, n_keys, 32, dtype=dtype, std=2.0), _leaf(1, 1, n_keys, 32, dtype=dtype)
     _check_cpp("attention", [q, k, v], None, dtype=dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_cpp_reduced_cross_views_odd_head_dim(dtype):
+    # bf16 / fp16 run native tile products where the CPU has them: cross attention (Nq != Nk,
+    # odd Nk), q, k, v as strided views of a packed tensor, and an odd head dim (which the
+    # paired layout cannot take: the fp32 tile path runs it)
+    _check_cpp("attention", [_leaf(1, 2, 20, 64, dtype=dtype), _leaf(1, 2, 197, 64, dtype=dtype),
+                             _leaf(1, 2, 197, 64, dtype=dtype)], None, dtype=dtype)
+    qkv = rand(2, 197, 3, 3, 32, dtype=dtype, requires_grad=True)
+    _check_cpp("attention", list(qkv.permute(2, 0, 3, 1, 4)), 0.3, dtype=dtype)
+    _check_cpp("attention", [_leaf(1, 2, 33, 33, dtype=dtype) for _ in range(3)], None, dtype=dtype)
+
+
+_BOTH_TILE_PATHS = """
+import torch
+import fastvit_kernels._cpp  # noqa: F401  (registers the torch.ops.fastvit C++ ops)
+from fastvit_kernels.testing import rand
+torch.manual_seed(0)
+qkv = rand(2, 197, 3 * 64, dtype=torch.bfloat16)
+out, _ = torch.ops.fastvit.packed_attention_fwd(qkv, 2, 0.125)
+torch.save(out, {path!r})
+"""
+
+
+@needs_cpp
+def test_attention_cpp_bf16_native_and_fp32_tile_paths(tmp_path):
+    """The bf16 forward on both tile paths, each in its own process (the choice is made once
+    per process): native bf16 products where the CPU has AVX512-BF16 / AMX, and the fp32 tile
+    path that FASTVIT_CPP_GEMM=aten forces (what CPUs without them run). Both within the
+    parity rule; on a CPU with native bf16 they must differ (proof that the native path ran)."""
+    import os
+    import subprocess
+    import sys
+
+    outs = {}
+    for name, env in (("native", {}), ("fp32", {"FASTVIT_CPP_GEMM": "aten"})):
+        path = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, "-c", _BOTH_TILE_PATHS.format(path=str(path))], check=True,
+                       env={**os.environ, **env})
+        outs[name] = torch.load(path)
+    torch.manual_seed(0)
+    qkv = rand(2, 197, 3 * 64, dtype=torch.bfloat16)
+    ref_hi = reference.packed_attention(qkv.float(), 2, 0.125)
+    ref_lowp = reference.packed_attention(qkv, 2, 0.125)
+    for name, out in outs.items():
+        assert_parity(f"{name} tile path", out, ref_hi, ref_lowp)
+    caps = torch._C._cpu._get_cpu_capability()
+    if caps.get("avx512_bf16") or caps.get("amx_bf16"):
+        assert not torch.equal(outs["native"], outs["fp32"]), "the native bf16 path did not run"
 
 
 @needs_cpp
