@@ -11,13 +11,17 @@
 // AMX): oneDNN's batch-reduce GEMM micro-kernel, which ATen exports as cpublas::brgemm, at
 // 175-210 GFLOP/s per core on attention tiles against 80-90 for fp32 sgemm (AMD EPYC with
 // avx512_bf16, ViT-S shapes). It reads B in the VNNI layout (pairs of B's rows interleaved,
-// pack_vnni below) and accumulates into fp32 C. Detected once per dtype: the CPU flag, then a
-// small probe product that must come out right (a build or CPU without the micro-kernel throws).
+// pack_vnni below) and accumulates into fp32 C. Detected once per dtype: the CPU flag (CPUID),
+// then a small probe product that must come out right (a build or CPU without the micro-kernel
+// throws).
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/cpu/Utils.h>
 #include <ATen/native/CPUBlas.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include <atomic>
 #include <cstdint>
@@ -118,19 +122,32 @@ void pack_vnni(const T* b, int64_t row_stride, int64_t col_stride, int64_t k, in
 }
 
 namespace detail {
+// Whether the CPU multiplies T natively (CPUID leaf 7): AVX512-BF16 or AMX-BF16 for bf16,
+// AVX512-FP16 or AMX-FP16 for fp16. Read from CPUID rather than torch's helpers, whose names
+// changed between torch releases. Only in an AVX-512 build of this extension (built so
+// because torch found AVX-512 usable on this machine, OS support included).
+template <typename T>
+bool native_cpu_support() {
+#if defined(CPU_CAPABILITY_AVX512) && (defined(__x86_64__) || defined(__i386__))
+  unsigned a0 = 0, b0 = 0, c0 = 0, d0 = 0, a1 = 0, b1 = 0, c1 = 0, d1 = 0;
+  if (__get_cpuid_count(7, 0, &a0, &b0, &c0, &d0) == 0) return false;
+  if (a0 < 1 || __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) == 0) a1 = 0;  // a0: highest subleaf of 7
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    return (a1 >> 5 & 1) || (d0 >> 22 & 1);  // AVX512_BF16, AMX-BF16
+  } else {
+    return (d0 >> 23 & 1) || (a1 >> 21 & 1);  // AVX512_FP16, AMX-FP16
+  }
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 bool probe_vnni_gemm() {
 #ifdef FASTVIT_HAS_BRGEMM
   const char* env = std::getenv("FASTVIT_CPP_GEMM");
   if (env != nullptr && std::strcmp(env, "aten") == 0) return false;
-  const auto caps = at::cpu::get_cpu_capabilities();
-  auto has = [&](const char* flag) {
-    auto it = caps.find(flag);
-    return it != caps.end() && it->second.isBool() && it->second.toBool();
-  };
-  const bool native = std::is_same_v<T, at::BFloat16> ? has("avx512_bf16") || has("amx_bf16")
-                                                       : has("avx512_fp16") || has("amx_fp16");
-  if (!native) return false;
+  if (!native_cpu_support<T>()) return false;
   try {  // A (3 x 4) B (4 x 5) with small integers: exact in every dtype, so any layout slip shows
     constexpr int64_t M = 3, N = 5, K = 4;
     T a[M * K], b[K * N], bp[K * N];
