@@ -304,9 +304,6 @@ void attention_bwd_kernel(const Operand<T>& q, const Operand<T>& k, const Operan
   });
 }
 
-// Make the last dimension contiguous (copy only when it is not).
-at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   const char* op = "fastvit::attention";
   FASTVIT_CHECK_CPU(q);
@@ -399,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
                                                  const at::Tensor& v_in, double scale) {
   FASTVIT_BELOW_AUTOGRAD;
   check_qkv(q_in, k_in, v_in, scale);
-  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
+  const at::Tensor q = tile_ready(q_in, 2), k = tile_ready(k_in, 2), v = tile_ready(v_in, 2);
   const Dims s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
   at::Tensor out = at::empty({s.B, s.H, s.Nq, s.d}, q.options());
   at::Tensor lse = run_attention_fwd(q, k, v, out, s, scale);
@@ -418,8 +415,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
   TORCH_CHECK(grad_out.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
               op, ": grad_out and out must have q's shape ", q_in.sizes(), ", got ",
               grad_out.sizes(), " and ", out_in.sizes());
-  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
-  const at::Tensor go = unit_last(grad_out), o = unit_last(out_in), lse = lse_in.contiguous();
+  const at::Tensor q = tile_ready(q_in, 2), k = tile_ready(k_in, 2), v = tile_ready(v_in, 2);
+  const at::Tensor go = tile_ready(grad_out, 2), o = tile_ready(out_in, 2), lse = lse_in.contiguous();
   const Dims s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
   TORCH_CHECK(lse.numel() == s.B * s.H * s.Nq, op, ": lse must have shape (B, H, Nq) = (", s.B,
               ", ", s.H, ", ", s.Nq, "), got ", lse.sizes());

@@ -6,6 +6,14 @@
 
 namespace fastvit {
 
+// t, or a contiguous copy when the tile kernels cannot read it in place: they need a unit
+// stride on d and token rows (dimension row_dim) that do not overlap (a row stride of at least
+// d, e.g. not an expand()ed tensor's 0). Any batch and head strides are fine.
+inline at::Tensor tile_ready(const at::Tensor& t, int64_t row_dim) {
+  const bool rows_ok = t.size(row_dim) <= 1 || t.stride(row_dim) >= t.size(-1);
+  return t.stride(-1) == 1 && rows_ok ? t : t.contiguous();
+}
+
 // Fills `out` (a (B, H, Nq, d) view, unit stride on d) with attention(q, k, v) and returns
 // the log-sum-exp (B, H, Nq) in the accumulation dtype (fp32; fp64 for fp64).
 at::Tensor attention_fwd_views(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -63,8 +63,6 @@ void check_packed(const at::Tensor& qkv, int64_t num_heads, double scale) {
   TORCH_CHECK(scale > 0, op, ": scale must be positive, got ", scale);
 }
 
-at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 // Rows [a, b) of a (total, H, d) tensor as the (1, H, b - a, d) view attention.h takes.
 at::Tensor rows(const at::Tensor& t, int64_t a, int64_t b) { return t.slice(0, a, b).transpose(0, 1).unsqueeze(0); }
 
@@ -113,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(const at::Tensor& q_in, 
   FASTVIT_BELOW_AUTOGRAD;
   check_tokens(q_in, k_in, v_in, scale);
   const auto bounds = sequence_bounds("fastvit::varlen_attention", cu_seqlens, q_in.size(0), max_seqlen);
-  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
+  const at::Tensor q = tile_ready(q_in, 0), k = tile_ready(k_in, 0), v = tile_ready(v_in, 0);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = run_varlen_fwd(q, k, v, out, bounds, scale);
   return {out, lse};
@@ -132,8 +130,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
               ": grad_out and out must have q's shape ", q_in.sizes(), ", got ", grad_out.sizes(), " and ",
               out_in.sizes());
   const auto bounds = sequence_bounds(op, cu_seqlens, q_in.size(0), max_seqlen);
-  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
-  const at::Tensor go = unit_last(grad_out), o = unit_last(out_in);
+  const at::Tensor q = tile_ready(q_in, 0), k = tile_ready(k_in, 0), v = tile_ready(v_in, 0);
+  const at::Tensor go = tile_ready(grad_out, 0), o = tile_ready(out_in, 0);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
              dv = at::empty(q.sizes(), q.options());
   run_varlen_bwd(op, q, k, v, o, go, lse, dq, dk, dv, bounds, scale);

@@ -261,6 +261,28 @@ def test_attention_cpp_reduced_cross_views_odd_head_dim(dtype):
     _check_cpp("attention", [_leaf(1, 2, 33, 33, dtype=dtype) for _ in range(3)], None, dtype=dtype)
 
 
+@needs_cpp
+@pytest.mark.parametrize("which", ["q", "k"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_cpp_expanded_rows(dtype, which):
+    """q or k expand()ed along the tokens (row stride 0: every row the same memory). The tile
+    GEMMs need non-overlapping rows; such inputs are copied first, not read as garbage. With
+    every key the same the softmax is uniform and dq, dk are exactly 0 (no relative bound
+    applies), so there only v's gradient is compared."""
+    from fastvit_kernels.testing import check_op
+
+    def run(attention):
+        if which == "q":
+            return lambda q1, k, v: attention(q1.expand(1, 2, 9, 64), k, v)
+        return lambda q, k1, v: attention(q, k1.expand(1, 2, 9, 64), v)
+
+    grad_qk = which == "q"
+    q = _leaf(1, 2, 1 if which == "q" else 9, 64, dtype=dtype).requires_grad_(grad_qk)
+    k = _leaf(1, 2, 1 if which == "k" else 9, 64, dtype=dtype).requires_grad_(grad_qk)
+    check_op(f"attention[cpp] expanded {which}", run(on_backend("attention", "cpp")), run(reference.attention),
+             [q, k, _leaf(1, 2, 9, 64, dtype=dtype)])
+
+
 _BOTH_TILE_PATHS = """
 import torch
 import fastvit_kernels._cpp  # noqa: F401  (registers the torch.ops.fastvit C++ ops)

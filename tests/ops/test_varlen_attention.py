@@ -251,3 +251,27 @@ def test_cu_seqlens_values_are_read_once_per_tensor(monkeypatch):
         for _ in range(2):
             fk.varlen_attention(q, q, q, inference_cu, 6)
     assert sum(t is inference_cu for t in reads) == 2
+
+
+@needs_cpp
+@pytest.mark.parametrize("which", ["q", "k"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_bf16_and_expanded_rows(dtype, which):
+    """cpp on bf16 (native tile products where the CPU has them, odd lengths included) and on
+    q or k expand()ed along the tokens (row stride 0), which the tile GEMMs cannot read in
+    place. With k expanded every key is the same: dq, dk are exactly 0, so only dv is compared."""
+    from fastvit_kernels.testing import check_op, on_backend
+
+    lengths = (1, 17, 70, 5)
+    total, cu = sum(lengths), _cu_seqlens(lengths, "cpu")
+
+    def run(varlen_attention):
+        if which == "q":
+            return lambda q1, k, v: varlen_attention(q1.expand(total, 2, 64), k, v, cu, max(lengths))
+        return lambda q, k1, v: varlen_attention(q, k1.expand(total, 2, 64), v, cu, max(lengths))
+
+    grad_qk = which == "q"
+    q = rand(1 if which == "q" else total, 2, 64, dtype=dtype, requires_grad=grad_qk)
+    k = rand(1 if which == "k" else total, 2, 64, dtype=dtype, requires_grad=grad_qk)
+    check_op(f"varlen_attention[cpp] expanded {which}", run(on_backend("varlen_attention", "cpp")),
+             run(reference.varlen_attention), [q, k, rand(total, 2, 64, dtype=dtype, requires_grad=True)])
