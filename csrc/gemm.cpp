@@ -8,9 +8,11 @@
 // interleaved, same machine busy) fp32 forward measured 1.2-2.2x. Backward: see matmul.
 // Prepacked weights (mkldnn::_reorder_linear_weight, once per weight) add 4-10% on top of
 // the dense forward in fp32 and 4-5% in bf16 (ViT-S shapes, batch 8, 2 threads): done for
-// bf16 / fp16 inference only (linear_inference). With the cached autocast casts and the GELU
-// epilogue they took ViT-S/16 bf16 autocast inference (batch 8, 2 threads, `fastvit bench`)
-// from 0.91-0.95x torch.compile's img/s to 0.97-1.0x.
+// inference (linear_inference). Whole fp32 forwards, interleaved in one process, median of 12
+// per-round ratios: ViT-S/16 batch 8 1.09x, batch 1 1.08x, ViT-B/16 batch 8 1.06x the dense
+// GEMMs; the cost is a second copy of every Linear weight while the model is in use. With the
+// cached autocast casts and the GELU epilogue they took ViT-S/16 bf16 autocast inference
+// (batch 8, 2 threads, `fastvit bench`) from 0.91-0.95x torch.compile's img/s to 0.97-1.0x.
 #include "gemm.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -124,11 +126,13 @@ at::Tensor packed_weight(const at::Tensor& w, int64_t batch) {
   static std::mutex mutex;
   static std::unordered_map<const c10::TensorImpl*, PackedWeight> cache;
   const std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(w.unsafeGetTensorImpl());
-  if (it != cache.end() && it->second.matches(w)) return it->second.packed;
-  for (auto e = cache.begin(); e != cache.end();) {  // drop the entries of freed weights
+  // Drop the entries of freed weights first, on every call (a few dozen weak-pointer checks):
+  // the packed copies of a deleted model go at the next inference call of any model.
+  for (auto e = cache.begin(); e != cache.end();) {
     e = e->second.tensor.expired() ? cache.erase(e) : std::next(e);
   }
+  auto it = cache.find(w.unsafeGetTensorImpl());
+  if (it != cache.end() && it->second.matches(w)) return it->second.packed;
   at::Tensor packed;
   try {
     packed = reorder_op()->call(w.contiguous(), batch);
@@ -172,7 +176,7 @@ at::Tensor linear(const at::Tensor& x2d, const at::Tensor& weight, const std::op
 at::Tensor linear_inference(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             Activation act) {
   const auto dtype = x2d.scalar_type();
-  if ((dtype == at::kBFloat16 || dtype == at::kHalf) && usable(x2d, weight)) {
+  if ((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) && usable(x2d, weight)) {
     const at::Tensor packed = packed_weight(weight, x2d.size(0));
     if (packed.defined()) return call_pointwise(x2d, packed, bias, act);
   }

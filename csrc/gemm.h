@@ -33,8 +33,8 @@ bool onednn_gemm(at::ScalarType dtype);
 at::Tensor linear(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   Activation act = Activation::kNone);
 
-// linear() for inference ops (nothing saved for backward): a bf16 / fp16 weight on oneDNN is
-// reordered once into oneDNN's blocked layout and the packed copy reused while the weight is
+// linear() for inference ops (nothing saved for backward): a weight on oneDNN (fp32, bf16,
+// fp16) is reordered once into oneDNN's blocked layout and the packed copy reused while it is
 // unchanged (same tensor, storage, data pointer, version counter, sizes and strides; inference
 // tensors, which keep no version counter, are never packed). Otherwise exactly linear().
 at::Tensor linear_inference(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

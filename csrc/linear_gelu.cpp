@@ -64,15 +64,15 @@ void gelu_row(T* pre, const acc_t<T>* bias, T* out, int64_t n, acc_t<T>* buf) {
 // block while in cache (every small GEMM re-packs the whole weight: 1.7x slower than
 // this), and oneDNN's fused GELU epilogue (mkldnn::_linear_pointwise: 36 ms vs 26 ms for
 // MKL's GEMM + this pass at ViT-S/16 fc1, batch 8, one thread).
+// inference: nothing is saved for backward, so the GEMM may use a prepacked weight
+// (gemm::linear_inference).
 void linear_gelu_impl(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                      at::Tensor& pre, at::Tensor& out, Gelu gelu) {
+                      at::Tensor& pre, at::Tensor& out, Gelu gelu, bool inference) {
   const bool reduced = x2d.scalar_type() == at::kBFloat16 || x2d.scalar_type() == at::kHalf;
   const bool bias_in_pass = bias.has_value() && !reduced;
-  if (bias.has_value() && !bias_in_pass) {
-    pre = gemm::linear(x2d, weight, bias);  // rebinds pre (and out, when they are one tensor)
-  } else {
-    pre = gemm::linear(x2d, weight, std::nullopt);
-  }
+  const std::optional<at::Tensor> gemm_bias = bias_in_pass ? std::nullopt : bias;
+  // rebinds pre (and out, when they are one tensor)
+  pre = inference ? gemm::linear_inference(x2d, weight, gemm_bias) : gemm::linear(x2d, weight, gemm_bias);
   const int64_t rows = pre.size(0), n = pre.size(1);
   if (rows == 0 || n == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2d.scalar_type(), "gelu", [&] {
@@ -96,7 +96,9 @@ void linear_gelu_impl(const at::Tensor& x2d, const at::Tensor& weight, const std
 // applies GELU to the fp32 accumulator, so the pre-activation is not rounded to bf16 first
 // (one rounding fewer than eager). Measured at ViT-S/16 fc1 bf16, batch 8, interleaved in one
 // process: 1.03-1.06x GEMM + pass at 2 threads, 1.05x at one. fp32 stays on GEMM + pass:
-// there the epilogue measured slower (see linear_gelu_impl).
+// there the epilogue measured slower (see linear_gelu_impl; and with prepacked weights, whole
+// fp32 ViT-S/16 and ViT-B/16 forwards at 2 threads: GEMM + pass 1.06-1.09x the dense GEMM,
+// the epilogue 1.06x).
 bool fused_epilogue(const at::Tensor& x2d, Gelu gelu) {
   const auto dtype = x2d.scalar_type();
   return (dtype == at::kBFloat16 || dtype == at::kHalf) && gelu != Gelu::kQuick && x2d.size(0) > 0 &&
@@ -143,7 +145,7 @@ at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& weight, const std:
                                       : gemm::linear_inference(x2d, weight, bias, act);
   } else {
     out = at::empty({x2d.size(0), weight.size(0)}, x.options());
-    linear_gelu_impl(x2d, weight, bias, out, out, gelu);
+    linear_gelu_impl(x2d, weight, bias, out, out, gelu, !c10::GradMode::is_enabled());
   }
   return out.view(out_shape(x, weight.size(0)));
 }
@@ -157,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x, const at
   const at::Tensor x2d = x.reshape({leading_rows(x), x.size(-1)});
   at::Tensor pre = at::empty({x2d.size(0), weight.size(0)}, x.options());
   at::Tensor out = at::empty_like(pre);
-  linear_gelu_impl(x2d, weight, bias, pre, out, gelu);
+  linear_gelu_impl(x2d, weight, bias, pre, out, gelu, /*inference=*/false);
   const auto shape = out_shape(x, weight.size(0));
   return {out.view(shape), pre.view(shape)};
 }

@@ -336,15 +336,16 @@ def test_linear_gelu_cpp_inference_op_reduced_precision(dtype, approximate, bias
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", ["linear", "linear_gelu"])
 @pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
-def test_cpp_prepacked_bf16_weights_are_never_stale(op, mode):
-    """Inference ops pack a bf16 weight once for oneDNN (where it runs); the packed copy
-    follows the weight: in-place updates, a new storage under the same tensor (``.data =``),
-    and in-place updates of that storage are all seen."""
+def test_cpp_prepacked_weights_are_never_stale(op, mode, dtype):
+    """Inference ops pack a weight once for oneDNN (where it runs); the packed copy follows
+    the weight: in-place updates, a new storage under the same tensor (``.data =``), and
+    in-place updates of that storage are all seen."""
     context = torch.inference_mode if mode == "inference_mode" else torch.no_grad
-    x = rand(2, 9, 40, dtype=torch.bfloat16)
-    w, b = rand(24, 40, dtype=torch.bfloat16, std=0.1), rand(24, dtype=torch.bfloat16)
+    x = rand(2, 9, 40, dtype=dtype)
+    w, b = rand(24, 40, dtype=dtype, std=0.1), rand(24, dtype=dtype)
     fn = getattr(fk, op)
 
     def expect():  # the same op on a fresh copy of the weight: no packed copy of it yet
@@ -359,7 +360,7 @@ def test_cpp_prepacked_bf16_weights_are_never_stale(op, mode):
     check()
     w.mul_(-2.0)
     check()
-    w.data = rand(24, 40, dtype=torch.bfloat16, std=0.1)
+    w.data = rand(24, 40, dtype=dtype, std=0.1)
     check()
     w[3].zero_()
     check()
