@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from vit.tools.bench.timing import sync
+from vit.tools.bench.timing import keep_freed_memory, sync
 
 if not torch.cuda.is_available():
     # Triton kernels only run on CPU under the interpreter, which is far too slow to
@@ -31,31 +31,6 @@ if not torch.cuda.is_available():
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
-
-
-def keep_freed_memory() -> bool:
-    """Stop glibc from handing large freed buffers back to the kernel (Linux/glibc only).
-
-    By default glibc serves multi-MB tensors with mmap or trims them off the heap when
-    freed, so the next call page-faults its output in again; whether that happens depends
-    on the allocation history, and it swung one op's time by up to 10x between identical
-    runs here (2-core VM), for eager and fastvit alike. Fixed thresholds keep freed memory
-    in the process, as jemalloc/tcmalloc (PyTorch's CPU tuning advice) do, so both sides
-    of every ratio are timed on resident memory. Returns whether the setting took.
-    """
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or os.environ.get("FASTVIT_BENCH_DEFAULT_MALLOC") == "1":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-        big = 1 << 30
-        return bool(libc.mallopt(m_trim_threshold, big)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        return False
 
 
 MALLOC_TUNED = keep_freed_memory()

@@ -188,3 +188,30 @@ def test_hf_provider_is_unavailable_for_family_models():
     reason = providers.unavailable_reason("hf", "cpu", get_config("vit_small_patch14_dinov2"))
     assert reason is not None and "init_values" in reason
     assert "pre_norm" in providers.unavailable_reason("hf", "cpu", get_config("vit_base_patch16_clip_224"))
+
+
+def test_cpu_runs_keep_freed_memory_and_say_so(recorders, monkeypatch):
+    """On CPU the job first asks glibc to keep freed memory (timings otherwise depend on which
+    providers ran before: page faults), records whether it took, and the table says so."""
+    import importlib
+
+    run_module = importlib.import_module("vit.tools.bench.run")  # the module, not the function
+    calls = []
+    monkeypatch.setattr(run_module, "keep_freed_memory", lambda: calls.append(1) or True)
+    results = bench.run(_settings(["eager"]), stream=io.StringIO())
+    assert calls == [1]
+    assert results["conditions"]["malloc_tuned"] is True
+    assert "malloc: glibc keeps freed memory (mallopt)" in format_table(results)
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_takes_on_glibc_and_can_be_turned_off():
+    import os
+    import subprocess
+    import sys
+
+    code = "from vit.tools.bench.timing import keep_freed_memory; print(keep_freed_memory())"
+    for env, want in (({}, "True"), ({"FASTVIT_BENCH_DEFAULT_MALLOC": "1"}, "False")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env})
+        assert out.stdout.strip() == want, out.stderr

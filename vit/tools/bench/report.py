@@ -130,7 +130,8 @@ def format_table(results: dict) -> str:
              f"{cond['dtype']}{' autocast' if cond['autocast'] else ''}, {cond['device']}: {where}; "
              f"torch {results['versions']['torch']}, triton {results['versions'].get('triton') or '-'}"]
     if not machine.get("gpu"):
-        lines.append(f"cpu: {cpu_line(machine)}")
+        malloc = {True: "glibc keeps freed memory (mallopt)", False: "default allocator settings"}
+        lines.append(f"cpu: {cpu_line(machine)}; malloc: {malloc[bool(cond.get('malloc_tuned'))]}")
     rounds = [m["steps"] for r in results["results"] for m in (r.get("inference"), r.get("train")) if m]
     if rounds:
         lines.append(f"interleaved: {max(rounds)} rounds, one step of every provider per round")

@@ -33,6 +33,7 @@ from .timing import (
     ROUND_TARGET_SECONDS,
     PeakMemory,
     inference_step,
+    keep_freed_memory,
     ratio_spread,
     release_memory,
     sync,
@@ -58,6 +59,7 @@ def run(settings: Settings, stream=None, modes: list[str] | None = None) -> dict
     stream = stream or sys.stderr
     device, dtype = settings.device, settings.torch_dtype
     job_start = time.perf_counter()
+    malloc_tuned = device.type == "cpu" and keep_freed_memory()
     torch.manual_seed(settings.seed)
     reference = ViT(settings.config).to(device).eval()
     cfg = settings.config
@@ -118,6 +120,7 @@ def run(settings: Settings, stream=None, modes: list[str] | None = None) -> dict
             "num_classes": cfg.num_classes, "batch_size": settings.batch_size, "dtype": settings.dtype,
             "autocast": settings.dtype != "fp32", "device": str(device), "steps": settings.steps,
             "warmup": settings.warmup, "train": settings.train, "providers": settings.providers,
+            "malloc_tuned": malloc_tuned,
             "gflops_per_image_forward": flops / 1e9, "memory_kind": PeakMemory(device).kind,
             "parity_rule": (f"fp32: max|diff| <= {FP32_RTOL:g} * max|ref|; low precision: "
                             "<= 2 * reference's own low-precision error + 1 ulp * max|ref|"),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import gc
+import os
+import platform
 import statistics
 import time
 
@@ -70,6 +73,31 @@ def release_memory(device: torch.device) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing large freed buffers back to the kernel (Linux/glibc only);
+    ``fastvit bench`` and ``bench/`` call it on CPU. It lasts for the rest of the process.
+
+    By default glibc serves multi-MB tensors with mmap or trims them off the heap when
+    freed, so the next call page-faults its output in again; whether that happens depends
+    on the allocation history, which other providers in the same run change. It swung one
+    op's time by up to 10x between identical runs here (2-core VM), for eager and fastvit
+    alike, and a ViT-S training step's fast-cpp/eager ratio from 1.12x to 1.02x when
+    ``compile`` was timed in the same rounds. Fixed thresholds keep freed memory in the
+    process, as jemalloc/tcmalloc (PyTorch's CPU tuning advice) do, so both sides of every
+    ratio are timed on resident memory. FASTVIT_BENCH_DEFAULT_MALLOC=1 keeps glibc's
+    defaults. Returns whether the setting took.
+    """
+    if platform.system() != "Linux" or os.environ.get("FASTVIT_BENCH_DEFAULT_MALLOC") == "1":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        big = 1 << 30
+        return bool(libc.mallopt(m_trim_threshold, big)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False
 
 
 class PeakMemory:
