@@ -94,6 +94,23 @@ inline void scale_row(double* x, int64_t n, double f) {
   at::vec::map([f](Vectorized<double> v) { return v * Vectorized<double>(f); }, x, x, n);
 }
 
+// One query row's step of the online softmax over a key block: the scores s (cols) become
+// exp(s * scale - new max) in place, the running max m and sum l move on, and the row's output
+// accumulated from earlier blocks (o, d values) is rescaled to the new max.
+template <typename A>
+inline void online_softmax_row(A* s, int64_t cols, A scale, bool first_block, A& m, A& l, A* o, int64_t d) {
+  const A m_new = std::max(m, row_max(s, cols) * scale);
+  const A row_sum_p = exp_and_sum(s, cols, scale, m_new);
+  if (first_block) {
+    l = row_sum_p;
+  } else {
+    const A alpha = std::exp(m - m_new);
+    l = l * alpha + row_sum_p;
+    scale_row(o, d, alpha);
+  }
+  m = m_new;
+}
+
 // Query rows per task: big enough to amortize the per-tile GEMM calls, small enough to
 // leave several tasks per thread.
 int64_t query_block(const Dims& s) {
@@ -140,17 +157,7 @@ void attention_fwd_kernel(const Operand<T>& q, const Operand<T>& k, const Operan
         const int64_t cols = std::min(kb, s.Nk - j0);
         gemm_rm<A>(false, true, rows, cols, d, A(1), Q.ptr, Q.ld, K.row(j0), K.ld, A(0), sbuf.data(), kb);
         for (int64_t i = 0; i < rows; ++i) {
-          A* si = sbuf.data() + i * kb;
-          const A m_new = std::max(m[i], row_max(si, cols) * scale);
-          const A row_sum_p = exp_and_sum(si, cols, scale, m_new);
-          if (j0 > 0) {
-            const A alpha = std::exp(m[i] - m_new);
-            l[i] = l[i] * alpha + row_sum_p;
-            scale_row(obuf.data() + i * d, d, alpha);
-          } else {
-            l[i] = row_sum_p;
-          }
-          m[i] = m_new;
+          online_softmax_row(sbuf.data() + i * kb, cols, scale, j0 == 0, m[i], l[i], obuf.data() + i * d, d);
         }
         gemm_rm<A>(false, false, rows, d, cols, A(1), sbuf.data(), kb, V.row(j0), V.ld, j0 == 0 ? A(0) : A(1), O,
                    ldo);
@@ -202,19 +209,10 @@ void attention_fwd_kernel_vnni(const Operand<T>& q, const Operand<T>& k, const O
         gemm_vnni<T>(rows, cols, d, q.row(b, h, i0), q.sn, kpack.data() + 2 * j0, s.Nk, false, sbuf.data(), kb);
         for (int64_t i = 0; i < rows; ++i) {
           float* si = sbuf.data() + i * kb;
-          const float m_new = std::max(m[i], row_max(si, cols) * scale);
-          const float row_sum_p = exp_and_sum(si, cols, scale, m_new);
+          online_softmax_row(si, cols, scale, j0 == 0, m[i], l[i], obuf.data() + i * d, d);
           T* pi = pbuf.data() + i * kb2;
           store_row<T>(si, pi, cols);
           if (cols2 > cols) pi[cols] = T(0);  // meets the zero row of vpack
-          if (j0 > 0) {
-            const float alpha = std::exp(m[i] - m_new);
-            l[i] = l[i] * alpha + row_sum_p;
-            scale_row(obuf.data() + i * d, d, alpha);
-          } else {
-            l[i] = row_sum_p;
-          }
-          m[i] = m_new;
         }
         gemm_vnni<T>(rows, d, cols2, pbuf.data(), kb2, vpack.data() + j0 * d, d, j0 > 0, obuf.data(), d);
       }
