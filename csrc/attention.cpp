@@ -317,16 +317,6 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, do
   TORCH_CHECK(scale > 0, op, ": scale must be positive, got ", scale);
 }
 
-void check_packed(const at::Tensor& qkv, int64_t num_heads, double scale) {
-  const char* op = "fastvit::packed_attention";
-  FASTVIT_CHECK_CPU(qkv);
-  FASTVIT_CHECK_FLOATING(qkv);
-  FASTVIT_CHECK_DIM(qkv, 3);
-  TORCH_CHECK(num_heads > 0 && qkv.size(2) % (3 * num_heads) == 0, op, ": qkv's last dimension ",
-              qkv.size(2), " must be 3 * num_heads * head_dim with num_heads=", num_heads);
-  TORCH_CHECK(scale > 0, op, ": scale must be positive, got ", scale);
-}
-
 // (B, N, 3*D) -> the q, k, v (B, H, N, d) views
 std::array<at::Tensor, 3> split_packed(const at::Tensor& qkv, int64_t H) {
   const int64_t B = qkv.size(0), N = qkv.size(1), d = qkv.size(2) / (3 * H);
@@ -375,6 +365,15 @@ void run_attention_bwd(const char* op, const at::Tensor& q, const at::Tensor& k,
 }
 
 }  // namespace
+
+void check_packed_qkv(const char* op, const at::Tensor& qkv, int64_t dims, int64_t num_heads, double scale) {
+  FASTVIT_CHECK_CPU(qkv);
+  FASTVIT_CHECK_FLOATING(qkv);
+  FASTVIT_CHECK_DIM(qkv, dims);
+  TORCH_CHECK(num_heads > 0 && qkv.size(-1) % (3 * num_heads) == 0, op, ": qkv's last dimension ",
+              qkv.size(-1), " must be 3 * num_heads * head_dim with num_heads=", num_heads);
+  TORCH_CHECK(scale > 0, op, ": scale must be positive, got ", scale);
+}
 
 // One attention on (B, H, N, d) views with a unit stride on d, for varlen_attention.cpp
 // (attention.h): the forward and backward paths of the entry points below.
@@ -428,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
 
 std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& qkv_in, int64_t num_heads, double scale) {
   FASTVIT_BELOW_AUTOGRAD;
-  check_packed(qkv_in, num_heads, scale);
+  check_packed_qkv("fastvit::packed_attention", qkv_in, 3, num_heads, scale);
   const at::Tensor qkv = qkv_in.contiguous();
   const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / 3, d = D / num_heads;
   auto [q, k, v] = split_packed(qkv, num_heads);
@@ -443,7 +442,7 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& qkv_in
 at::Tensor packed_attention_bwd(const at::Tensor& grad_out, const at::Tensor& qkv_in, const at::Tensor& out,
                                 const at::Tensor& lse_in, int64_t num_heads, double scale) {
   FASTVIT_BELOW_AUTOGRAD;
-  check_packed(qkv_in, num_heads, scale);
+  check_packed_qkv("fastvit::packed_attention", qkv_in, 3, num_heads, scale);
   const char* op = "fastvit::packed_attention_bwd";
   FASTVIT_CHECK_INPUT(grad_out, qkv_in);
   FASTVIT_CHECK_INPUT(out, qkv_in);

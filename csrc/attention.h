@@ -14,6 +14,10 @@ inline at::Tensor tile_ready(const at::Tensor& t, int64_t row_dim) {
   return t.stride(-1) == 1 && rows_ok ? t : t.contiguous();
 }
 
+// The checks of a packed qkv tensor ((B, N, 3*D) for packed_attention, dims 3; (total, 3*D) for
+// the varlen form, dims 2) and of the scale; errors name `op`.
+void check_packed_qkv(const char* op, const at::Tensor& qkv, int64_t dims, int64_t num_heads, double scale);
+
 // Fills `out` (a (B, H, Nq, d) view, unit stride on d) with attention(q, k, v) and returns
 // the log-sum-exp (B, H, Nq) in the accumulation dtype (fp32; fp64 for fp64).
 at::Tensor attention_fwd_views(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

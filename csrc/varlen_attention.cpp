@@ -53,16 +53,6 @@ void check_tokens(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(scale > 0, op, ": scale must be positive, got ", scale);
 }
 
-void check_packed(const at::Tensor& qkv, int64_t num_heads, double scale) {
-  const char* op = "fastvit::varlen_packed_attention";
-  FASTVIT_CHECK_CPU(qkv);
-  FASTVIT_CHECK_FLOATING(qkv);
-  FASTVIT_CHECK_DIM(qkv, 2);
-  TORCH_CHECK(num_heads > 0 && qkv.size(1) % (3 * num_heads) == 0, op, ": qkv's last dimension ",
-              qkv.size(1), " must be 3 * num_heads * head_dim with num_heads=", num_heads);
-  TORCH_CHECK(scale > 0, op, ": scale must be positive, got ", scale);
-}
-
 // Rows [a, b) of a (total, H, d) tensor as the (1, H, b - a, d) view attention.h takes.
 at::Tensor rows(const at::Tensor& t, int64_t a, int64_t b) { return t.slice(0, a, b).transpose(0, 1).unsqueeze(0); }
 
@@ -142,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_packed_attention_fwd(const at::Tensor&
                                                                const at::Tensor& cu_seqlens, int64_t max_seqlen,
                                                                int64_t num_heads, double scale) {
   FASTVIT_BELOW_AUTOGRAD;
-  check_packed(qkv_in, num_heads, scale);
+  check_packed_qkv("fastvit::varlen_packed_attention", qkv_in, 2, num_heads, scale);
   const auto bounds = sequence_bounds("fastvit::varlen_packed_attention", cu_seqlens, qkv_in.size(0), max_seqlen);
   const at::Tensor qkv = qkv_in.contiguous();
   const int64_t total = qkv.size(0), D = qkv.size(1) / 3;
@@ -156,7 +146,7 @@ at::Tensor varlen_packed_attention_bwd(const at::Tensor& grad_out, const at::Ten
                                        const at::Tensor& lse, const at::Tensor& cu_seqlens, int64_t max_seqlen,
                                        int64_t num_heads, double scale) {
   FASTVIT_BELOW_AUTOGRAD;
-  check_packed(qkv_in, num_heads, scale);
+  check_packed_qkv("fastvit::varlen_packed_attention", qkv_in, 2, num_heads, scale);
   const char* op = "fastvit::varlen_packed_attention_bwd";
   FASTVIT_CHECK_INPUT(grad_out, qkv_in);
   FASTVIT_CHECK_INPUT(out, qkv_in);
