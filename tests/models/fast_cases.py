@@ -121,6 +121,20 @@ def grads_vs_reference(fast, ref_hi, x, context):
     return got, _grads(ref_hi, x.double(), upstream.double())
 
 
+def same_seed_training_grads(fast, ref, checkpointing: bool, seed: int = 7):
+    """Both models in training mode (fast with or without activation checkpointing) and their
+    gradients for the same images and upstream, each from the same seed, so dropout and
+    drop-path draw the same masks. Returns (fast's, reference's, images, upstream)."""
+    fast.train(), ref.train()
+    fast.set_grad_checkpointing(checkpointing)
+    x = _images(fast, batch=4)
+    upstream = rand(4, CFG["num_classes"], device=DEVICE)
+    torch.manual_seed(seed)
+    got = _grads(fast, x, upstream)
+    torch.manual_seed(seed)
+    return got, _grads(ref, x, upstream), x, upstream
+
+
 # The ViT family (issue 18), at CFG's size: one config per family's knobs.
 FAMILIES = {
     "dinov2": dict(init_values=1e-5),

@@ -24,6 +24,7 @@ from fast_cases import (
     dispatched_ops,
     grads_vs_reference,
     preferring,
+    same_seed_training_grads,
 )
 
 import fastvit_kernels as fk
@@ -190,14 +191,7 @@ def test_dropout_drop_path_and_layer_scale_match_reference_in_training(checkpoin
     """Drop-path's per-sample mask and LayerScale commute: the same masks for the same seed
     give the same gradients, with or without checkpointing."""
     fast, ref, _ = _pair(**FAMILIES["dinov2-reg"], drop_path_rate=0.3, proj_drop_rate=0.2, pos_drop_rate=0.1)
-    fast.train(), ref.train()
-    fast.set_grad_checkpointing(checkpointing)
-    x = _images(fast, batch=4)
-    upstream = rand(4, CFG["num_classes"], device=DEVICE)
-    torch.manual_seed(7)
-    got = _grads(fast, x, upstream)
-    torch.manual_seed(7)
-    want = _grads(ref, x, upstream)
+    got, want, _, _ = same_seed_training_grads(fast, ref, checkpointing)
     for name in want:
         assert_parity(f"grad {name}", got[name], want[name].double(), rtol=MODEL_RTOL)
 

@@ -24,6 +24,7 @@ from fast_cases import (
     dispatched_ops,
     grads_vs_reference,
     on_backend,
+    same_seed_training_grads,
 )
 
 import fastvit_kernels as fk
@@ -204,14 +205,7 @@ def test_dropout_and_drop_path_match_reference_in_training(checkpointing):
     with the fp32 reference: masks drawn for fp64 tensors need not be the same ones.)"""
     fast, ref, _ = _pair(drop_path_rate=0.3, proj_drop_rate=0.2, attn_drop_rate=0.2,
                          pos_drop_rate=0.1, drop_rate=0.2)
-    fast.train(), ref.train()
-    fast.set_grad_checkpointing(checkpointing)
-    x = _images(fast, batch=4)
-    upstream = rand(4, CFG["num_classes"], device=DEVICE)
-    torch.manual_seed(7)
-    got = _grads(fast, x, upstream)
-    torch.manual_seed(7)
-    want = _grads(ref, x, upstream)
+    got, want, x, upstream = same_seed_training_grads(fast, ref, checkpointing)
     for name in want:
         assert_parity(f"grad {name}", got[name], want[name].double(), rtol=MODEL_RTOL)
     torch.manual_seed(7)

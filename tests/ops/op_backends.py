@@ -48,3 +48,15 @@ def assert_compiled_matches_eager(name: str, fn, inputs, backend: str) -> torch.
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         torch.testing.assert_close(g, r, msg=lambda m, i=i: f"{name} grad {i}: {m}")
     return out
+
+
+def linear_inputs(shape, out_features: int, dtype, device, bias: bool = True) -> list:
+    """[x, weight, bias] of a Linear (bias None without), requiring grad: x of ``shape``, a weight
+    scaled by in_features ** -0.5 so outputs stay O(1), the bias at std 0.5."""
+    from fastvit_kernels.testing import rand
+
+    k = shape[-1]
+    x = rand(*shape, dtype=dtype, device=device, requires_grad=True)
+    w = rand(out_features, k, dtype=dtype, device=device, std=max(k, 1) ** -0.5, requires_grad=True)
+    b = rand(out_features, dtype=dtype, device=device, std=0.5, requires_grad=True) if bias else None
+    return [x, w, b]

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from op_backends import BACKENDS, assert_compiled_matches_eager, needs_cpp
+from op_backends import BACKENDS, assert_compiled_matches_eager, linear_inputs, needs_cpp
 from op_backends import backend_device as _device
 
 import fastvit_kernels as fk
@@ -24,26 +24,18 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 DTYPES = [torch.float32, torch.float16]
 
 
-def _inputs(shape, out_features, dtype, device, bias=True):
-    k = shape[-1]
-    x = rand(*shape, dtype=dtype, device=device, requires_grad=True)
-    w = rand(out_features, k, dtype=dtype, device=device, std=max(k, 1) ** -0.5, requires_grad=True)
-    b = rand(out_features, dtype=dtype, device=device, std=0.5, requires_grad=True) if bias else None
-    return [x, w, b]
-
-
 # ---------------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_vit_rows(backend, dtype, device):
     """M = 2*197 token rows, K = 588, N = 200: tails in every dimension."""
-    inputs = _inputs((2, 197, 588), 200, dtype, _device(backend, device))
+    inputs = linear_inputs((2, 197, 588), 200, dtype, _device(backend, device))
     check_backend(backend, "linear", inputs, dtype=dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_no_bias(backend, device):
-    check_backend(backend, "linear", _inputs((3, 7, 40), 24, torch.float32, _device(backend, device), bias=False))
+    check_backend(backend, "linear", linear_inputs((3, 7, 40), 24, torch.float32, _device(backend, device), bias=False))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -52,14 +44,14 @@ def test_linear_strided_input(backend, device):
     dev = _device(backend, device)
     base = rand(2, 9, 80, device=dev)
     x = base[..., ::2].requires_grad_()
-    check_backend(backend, "linear", [x, *_inputs((40,), 24, torch.float32, dev)[1:]])
+    check_backend(backend, "linear", [x, *linear_inputs((40,), 24, torch.float32, dev)[1:]])
     xt = rand(40, 9, device=dev).t().requires_grad_()  # (9, 40), strides (1, 9)
-    check_backend(backend, "linear", [xt, *_inputs((40,), 24, torch.float32, dev)[1:]])
+    check_backend(backend, "linear", [xt, *linear_inputs((40,), 24, torch.float32, dev)[1:]])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_batch_zero(backend, device):
-    inputs = _inputs((0, 197, 40), 24, torch.float32, _device(backend, device))
+    inputs = linear_inputs((0, 197, 40), 24, torch.float32, _device(backend, device))
     results = check_backend(backend, "linear", inputs)
     assert results["out0"].shape == (0, 197, 24)
     assert torch.equal(results["grad2"], torch.zeros_like(results["grad2"]))  # no rows: no bias gradient
@@ -68,7 +60,7 @@ def test_linear_batch_zero(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_zero_in_features(backend, device):
     """An empty product: the output is the bias, broadcast."""
-    x, w, b = _inputs((2, 5, 0), 7, torch.float32, _device(backend, device))
+    x, w, b = linear_inputs((2, 5, 0), 7, torch.float32, _device(backend, device))
     results = check_backend(backend, "linear", [x, w, b])
     assert torch.equal(results["out0"], b.detach().expand(2, 5, 7))
 
@@ -77,7 +69,7 @@ def test_linear_zero_in_features(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_some_gradients(backend, wanted, device):
     """Only the inputs that require grad get one (a frozen weight, a linear probe's head)."""
-    x, w, b = (t.detach() for t in _inputs((2, 9, 40), 24, torch.float32, _device(backend, device)))
+    x, w, b = (t.detach() for t in linear_inputs((2, 9, 40), 24, torch.float32, _device(backend, device)))
     names = {"x": x, "weight": w, "bias": b}
     for name in wanted.split("+"):
         names[name].requires_grad_()
@@ -89,14 +81,14 @@ def test_linear_some_gradients(backend, wanted, device):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_linear_cpp_dtypes(batch, dtype):
     """bf16 / fp16 run on oneDNN where this CPU has the instructions, on ATen otherwise."""
-    check_backend("cpp", "linear", _inputs((batch, 197, 384), 1152, dtype, "cpu"), dtype=dtype)
+    check_backend("cpp", "linear", linear_inputs((batch, 197, 384), 1152, dtype, "cpu"), dtype=dtype)
 
 
 def test_linear_inference_saves_nothing(device):
     for backend in ("triton", "cpp", "torch"):
         if not fk.available_backends()[backend].available:
             continue
-        x, w, b = (t.detach() for t in _inputs((4, 16), 24, torch.float32, _device(backend, device)))
+        x, w, b = (t.detach() for t in linear_inputs((4, 16), 24, torch.float32, _device(backend, device)))
         with torch.no_grad(), fk.backend(backend):
             out = fk.linear(x, w, b)
         assert out.grad_fn is None
@@ -105,7 +97,7 @@ def test_linear_inference_saves_nothing(device):
 
 def test_linear_autocast_is_a_matrix_product():
     """Under CPU autocast the inputs are cast to bf16 and the result is bf16, as F.linear's."""
-    x, w, b = (t.detach() for t in _inputs((3, 40), 24, torch.float32, "cpu"))
+    x, w, b = (t.detach() for t in linear_inputs((3, 40), 24, torch.float32, "cpu"))
     with torch.autocast("cpu", dtype=torch.bfloat16), fk.backend("torch"):
         out = fk.linear(x, w, b)
         eager = torch.nn.functional.linear(x, w, b)
@@ -116,7 +108,7 @@ def test_linear_autocast_is_a_matrix_product():
 
 # ------------------------------------------------------------------------------ opcheck
 def test_linear_triton_opcheck(device):
-    x, w, b = _inputs((2, 3, 16), 24, torch.float32, device)
+    x, w, b = linear_inputs((2, 3, 16), 24, torch.float32, device)
     torch.library.opcheck(torch.ops.fastvit_triton.linear.default, (x, w, b))
     torch.library.opcheck(torch.ops.fastvit_triton.linear.default, (x, w, None))
     xt = rand(16, 2, 3, device=device).permute(1, 2, 0)  # (2, 3, 16), not contiguous
@@ -127,7 +119,7 @@ def test_linear_triton_opcheck(device):
 
 @needs_cpp
 def test_linear_cpp_opcheck():
-    x, w, b = _inputs((2, 3, 16), 24, torch.float32, "cpu")
+    x, w, b = linear_inputs((2, 3, 16), 24, torch.float32, "cpu")
     torch.library.opcheck(torch.ops.fastvit.linear.default, (x, w, b))
     torch.library.opcheck(torch.ops.fastvit.linear.default, (x, w, None))
     xt = rand(16, 2, 3).permute(1, 2, 0)
@@ -163,7 +155,7 @@ def test_linear_cpp_op_checks_its_arguments():
 
 
 def test_linear_triton_dispatch(device):
-    x, w, b = (t.detach() for t in _inputs((4, 16), 24, torch.float32, device))
+    x, w, b = (t.detach() for t in linear_inputs((4, 16), 24, torch.float32, device))
     with fk.backend("triton"):
         assert fk.resolved_backend("linear", device, x, w, b) == "triton"
     if device.type == "cpu":  # the interpreter multiplies bf16 bit patterns in tl.dot
@@ -173,7 +165,7 @@ def test_linear_triton_dispatch(device):
 
 @pytest.mark.cuda
 def test_linear_bf16_cuda(device):
-    check_backend("triton", "linear", _inputs((4, 197, 768), 2304, torch.bfloat16, device), dtype=torch.bfloat16)
+    check_backend("triton", "linear", linear_inputs((4, 197, 768), 2304, torch.bfloat16, device), dtype=torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------- compile
@@ -181,6 +173,6 @@ def test_linear_compile_fullgraph(device):
     """Forward and backward trace without graph breaks (CPU: aot_eager, the interpreter
     cannot be lowered by inductor; CUDA: inductor, fp16)."""
     dtype, backend = (torch.float16, "inductor") if device.type == "cuda" else (torch.float32, "aot_eager")
-    inputs = _inputs((2, 5, 24), 40, dtype, device)
+    inputs = linear_inputs((2, 5, 24), 40, dtype, device)
     out = assert_compiled_matches_eager("linear", fk.linear, inputs, backend)
     assert out.dtype == dtype

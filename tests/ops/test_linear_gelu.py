@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from op_backends import BACKENDS, assert_compiled_matches_eager, needs_cpp
+from op_backends import BACKENDS, assert_compiled_matches_eager, linear_inputs, needs_cpp
 from op_backends import backend_device as _device
 
 import fastvit_kernels as fk
@@ -28,21 +28,13 @@ from fastvit_kernels.triton import linear_gelu as tlg  # noqa: E402
 DTYPES = [torch.float32, torch.float16]
 
 
-def _linear_inputs(shape, out_features, dtype, device, bias=True):
-    k = shape[-1]
-    x = rand(*shape, dtype=dtype, device=device, requires_grad=True)
-    w = rand(out_features, k, dtype=dtype, device=device, std=k ** -0.5, requires_grad=True)
-    b = rand(out_features, dtype=dtype, device=device, std=0.5, requires_grad=True) if bias else None
-    return x, w, b
-
-
 # ---------------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_gelu_vit_rows(backend, dtype, device):
     """M = 2*197 token rows, K = 588 (14*14*3), N = 200: tails in every dimension."""
     approximate = "none" if dtype == torch.float32 else "tanh"
-    inputs = [*_linear_inputs((2, 197, 588), 200, dtype, _device(backend, device)), approximate]
+    inputs = [*linear_inputs((2, 197, 588), 200, dtype, _device(backend, device)), approximate]
     check_backend(backend, "linear_gelu", inputs, dtype=dtype)
 
 
@@ -50,7 +42,7 @@ def test_linear_gelu_vit_rows(backend, dtype, device):
                                                     (torch.float16, "none", True)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_gelu_small(backend, dtype, approximate, bias, device):
-    inputs = [*_linear_inputs((3, 7, 40), 24, dtype, _device(backend, device), bias=bias), approximate]
+    inputs = [*linear_inputs((3, 7, 40), 24, dtype, _device(backend, device), bias=bias), approximate]
     check_backend(backend, "linear_gelu", inputs, dtype=dtype)
 
 
@@ -59,7 +51,7 @@ def test_linear_gelu_small(backend, dtype, approximate, bias, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_quick_gelu(backend, dtype, shape, bias, device):
     """CLIP's QuickGELU, h * sigmoid(1.702 h), as the fused activation, forward and backward."""
-    inputs = [*_linear_inputs(shape, 200 if shape[-1] == 588 else 24, dtype, _device(backend, device),
+    inputs = [*linear_inputs(shape, 200 if shape[-1] == 588 else 24, dtype, _device(backend, device),
                               bias=bias), "quick"]
     check_backend(backend, "linear_gelu", inputs, dtype=dtype)
 
@@ -83,7 +75,7 @@ def test_linear_gelu_strided_input_and_expanded_grad(device):
 @pytest.mark.parametrize("approximate", ["none", "tanh", "quick"])
 def test_linear_gelu_recompute_backward(approximate, device):
     """The inference op under autograd recomputes z; its epilogue forms dZ = dY * GELU'(z)."""
-    inputs = [*_linear_inputs((2, 5, 24), 40, torch.float32, device), approximate]
+    inputs = [*linear_inputs((2, 5, 24), 40, torch.float32, device), approximate]
     results = check_op("linear_gelu(recompute)", torch.ops.fastvit_triton.linear_gelu, reference.linear_gelu,
                        inputs)
     assert all(t.dtype == torch.float32 for t in results.values())
@@ -93,7 +85,7 @@ def test_linear_gelu_recompute_backward(approximate, device):
 def test_quick_gelu_saturates_without_nan(dtype, device):
     """QuickGELU far out in both tails (a plain exp(-1.702 z) overflows below z = -52 in
     fp32): the output, the saved derivative and the recomputed one stay finite and right."""
-    x, w, _ = _linear_inputs((3, 16), 8, dtype, device)
+    x, w, _ = linear_inputs((3, 16), 8, dtype, device)
     b = torch.tensor([-300.0, -80.0, -30.0, -3.0, 0.0, 4.0, 40.0, 300.0], dtype=dtype, device=device)
     b.requires_grad_()
     inputs = [x, w, b, "quick"]
@@ -103,7 +95,7 @@ def test_quick_gelu_saturates_without_nan(dtype, device):
 
 
 def test_linear_gelu_inference_saves_nothing(device):
-    x, w, b = _linear_inputs((4, 16), 24, torch.float32, device)
+    x, w, b = linear_inputs((4, 16), 24, torch.float32, device)
     with torch.no_grad(), fk.backend("triton"):
         out = fk.linear_gelu(x, w, b)
     assert out.grad_fn is None
@@ -124,7 +116,7 @@ def test_split_k_weight_gradient_with_row_sums(device):
 
 
 def test_linear_gelu_opcheck(device):
-    x, w, b = _linear_inputs((2, 3, 16), 24, torch.float32, device)
+    x, w, b = linear_inputs((2, 3, 16), 24, torch.float32, device)
     torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu_train.default, (x, w, b, "none"))
     torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu.default, (x, w, None, "tanh"))
     torch.library.opcheck(torch.ops.fastvit_triton.linear_gelu_train.default, (x, w, None, "quick"))
@@ -156,7 +148,7 @@ def test_bad_input_is_rejected_before_any_kernel(device):
 
 
 def test_dispatch_and_supports(device):
-    x, w, b = _linear_inputs((4, 16), 24, torch.float32, device)
+    x, w, b = linear_inputs((4, 16), 24, torch.float32, device)
     with fk.backend("triton"):
         assert fk.resolved_backend("linear_gelu", device, x, w, b) == "triton"
     assert tlg.SUPPORTS["linear_gelu"](x.double(), w.double(), None) is not None
@@ -209,14 +201,14 @@ def test_configs_are_chosen_by_dtype_and_epilogue():
 @pytest.mark.cuda
 @pytest.mark.parametrize("approximate", ["none", "tanh", "quick"])
 def test_linear_gelu_bf16_cuda(approximate, device):
-    inputs = [*_linear_inputs((4, 197, 768), 3072, torch.bfloat16, device), approximate]
+    inputs = [*linear_inputs((4, 197, 768), 3072, torch.bfloat16, device), approximate]
     check_backend("triton", "linear_gelu", inputs, dtype=torch.bfloat16)
 
 
 @pytest.mark.cuda
 def test_linear_gelu_split_k_backward_cuda(device):
     """Long reductions (B*197 rows) take the split-K path for the weight gradients."""
-    inputs = [*_linear_inputs((64, 197, 384), 768, torch.float16, device), "none"]
+    inputs = [*linear_inputs((64, 197, 384), 768, torch.float16, device), "none"]
     check_backend("triton", "linear_gelu", inputs, dtype=torch.float16)
 
 
@@ -307,10 +299,10 @@ def test_compile_fullgraph(device):
     inductor, fp16, at ViT-like sizes."""
     if device.type == "cuda":
         dtype, backend = torch.float16, "inductor"
-        lin = _linear_inputs((2, 197, 64), 128, dtype, device)
+        lin = linear_inputs((2, 197, 64), 128, dtype, device)
     else:
         dtype, backend = torch.float32, "aot_eager"
-        lin = _linear_inputs((2, 5, 24), 40, dtype, device)
+        lin = linear_inputs((2, 5, 24), 40, dtype, device)
 
     def fn(x, w, b):
         return fk.linear_gelu(x, w, b, "tanh")
